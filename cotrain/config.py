@@ -1,0 +1,159 @@
+"""Training configuration: every setting of a run as a plain, serialisable dataclass.
+
+The configuration travels inside checkpoints and served models, so that a model file alone
+says how to preprocess an image and which labels its channels mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "TrainConfig", "parse_intensity"]
+
+#: The methods the engine knows, by their command-line names.
+METHODS = ("dct_seg", "duo_segnet", "supervised", "jsd", "mean_teacher", "cps")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a co-training run.
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        views: Number of ensemble members k (Duo-SegNet and CPS use pairs; k >= 2 there).
+        labels: Foreground label names to their voxel values; background is 0.
+        roi_size: Patch size for training and the sliding-window size at inference.
+        target_spacing: Voxel size (mm) to resample to, or ``None`` to keep the images' grid.
+        intensity: ``"zscore"`` (MR: z-score over non-zero voxels) or ``"ct:LOW,HIGH"``
+            (a CT window in HU mapped to [0, 1]).
+        epochs: Number of epochs.
+        iterations_per_epoch: Optimiser steps per epoch.
+        batch_size: Labeled patches per member and step.
+        unlabeled_batch_size: Unlabeled patches per step (shared by all members).
+        learning_rate: Initial learning rate of the members' optimiser (AdamW, polynomial decay).
+        weight_decay: AdamW weight decay.
+        seed: Seed of initialisation, view subsets, sampling and augmentation.
+        network: Keyword arguments of the member network (see :func:`cotrain.networks.build_member`).
+        method_params: Method hyperparameters (see each method's ``Params``).
+        shared_fraction: Fraction of the labeled cases that every member sees; the rest is
+            split into exclusive chunks, one per member (DCT-Seg's per-view subsets).
+        val_interval: Validate every this many epochs (0 disables validation).
+        amp: Use mixed precision on CUDA (forward passes only; losses stay fp32).
+        num_workers: Data loader worker processes.
+        cache_rate: Fraction of the data cached in memory after loading and normalising.
+    """
+
+    method: str = "dct_seg"
+    views: int = 2
+    labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
+    roi_size: tuple[int, ...] = (96, 96, 96)
+    target_spacing: tuple[float, ...] | None = None
+    intensity: str = "zscore"
+    epochs: int = 50
+    iterations_per_epoch: int = 50
+    batch_size: int = 2
+    unlabeled_batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    network: dict[str, Any] = field(
+        default_factory=lambda: {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]}
+    )
+    method_params: dict[str, Any] = field(default_factory=dict)
+    shared_fraction: float = 1.0
+    val_interval: int = 1
+    amp: bool = True
+    num_workers: int = 0
+    cache_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(s) for s in self.roi_size)
+        if self.target_spacing is not None:
+            self.target_spacing = tuple(float(s) for s in self.target_spacing)
+        self.labels = {str(k): int(v) for k, v in self.labels.items()}
+        self.validate()
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3, from the length of ``roi_size``."""
+        return len(self.roi_size)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels: background plus one per label value."""
+        return 1 + len(self.labels)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is wrong."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.method in ("dct_seg", "duo_segnet", "jsd", "cps") and self.views < 2:
+            raise ValueError(f"method {self.method!r} needs views >= 2, got {self.views}")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"roi_size must have 2 or 3 values, got {self.roi_size}")
+        if any(s < 8 for s in self.roi_size):
+            raise ValueError(f"every roi_size value must be >= 8, got {self.roi_size}")
+        if self.target_spacing is not None and len(self.target_spacing) != self.spatial_dims:
+            raise ValueError(
+                f"target_spacing {self.target_spacing} must have {self.spatial_dims} values"
+            )
+        if not self.labels:
+            raise ValueError("labels must name at least one foreground label")
+        values = sorted(self.labels.values())
+        if values != list(range(1, len(values) + 1)):
+            raise ValueError(f"label values must be 1..{len(values)} without gaps, got {values}")
+        parse_intensity(self.intensity)
+        for name in ("epochs", "iterations_per_epoch", "batch_size", "unlabeled_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.shared_fraction <= 1.0:
+            raise ValueError(f"shared_fraction must be in [0, 1], got {self.shared_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        d = dataclasses.asdict(self)
+        d["roi_size"] = list(self.roi_size)
+        d["target_spacing"] = list(self.target_spacing) if self.target_spacing else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys are an error that names them.
+
+        Args:
+            d: Settings, as written by :meth:`to_dict`.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig settings: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:
+    """Parse an intensity normalisation setting.
+
+    Args:
+        spec: ``"zscore"`` or ``"ct:LOW,HIGH"`` (e.g. ``"ct:-1000,1000"``).
+
+    Returns:
+        ``("zscore", None)`` or ``("ct", (low, high))``.
+    """
+    if spec == "zscore":
+        return "zscore", None
+    if spec.startswith("ct:"):
+        try:
+            low, high = (float(v) for v in spec[3:].split(","))
+        except ValueError:
+            raise ValueError(f"intensity {spec!r}: expected 'ct:LOW,HIGH', e.g. 'ct:-1000,1000'") from None
+        if not low < high:
+            raise ValueError(f"intensity {spec!r}: LOW must be below HIGH")
+        return "ct", (low, high)
+    raise ValueError(f"intensity must be 'zscore' or 'ct:LOW,HIGH', got {spec!r}")

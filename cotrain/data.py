@@ -1,0 +1,163 @@
+"""Data: listing cases, MONAI transforms for labeled, unlabeled and whole-volume inputs, loaders.
+
+Labeled patches are foreground-biased crops (``RandCropByPosNegLabeld``: half the patches are
+centred on a foreground voxel), because background dominates medical volumes. Unlabeled patches
+are uniform random crops. Everything deterministic (loading, orientation, spacing, intensity)
+is cached in memory by ``CacheDataset``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from monai import transforms as mt
+from monai.data import CacheDataset, DataLoader
+
+from cotrain.config import TrainConfig, parse_intensity
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "infinite_batches",
+    "list_msd_cases",
+    "make_loader",
+    "preprocessing",
+    "read_case_list",
+    "training_transforms",
+]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _case_name(path: Path) -> str:
+    for suffix in _NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def list_msd_cases(root: str | Path) -> list[dict[str, str]]:
+    """Cases of a Medical Segmentation Decathlon folder, sorted by name.
+
+    Args:
+        root: Folder with ``imagesTr/NAME.nii.gz`` and, where labeled, ``labelsTr/NAME.nii.gz``.
+
+    Returns:
+        One dict per image: ``{"name", "image"}`` plus ``"label"`` where a label file exists.
+    """
+    root = Path(root)
+    images_dir = root / "imagesTr"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{root} is not an MSD folder: {images_dir} does not exist")
+    cases = []
+    for image in sorted(images_dir.iterdir()):
+        if not image.name.endswith(_NIFTI_SUFFIXES) or image.name.startswith("."):
+            continue
+        name = _case_name(image)
+        case = {"name": name, "image": str(image)}
+        for suffix in _NIFTI_SUFFIXES:
+            label = root / "labelsTr" / f"{name}{suffix}"
+            if label.exists():
+                case["label"] = str(label)
+                break
+        cases.append(case)
+    if not cases:
+        raise FileNotFoundError(f"no .nii or .nii.gz images in {images_dir}")
+    return cases
+
+
+def read_case_list(path: str | Path) -> list[str]:
+    """Case names from a text file, one per line (blank lines and ``#`` comments ignored)."""
+    lines = Path(path).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label")) -> mt.Compose:
+    """Deterministic preprocessing: load, channel first, RAS, optional resampling, intensity.
+
+    It is invertible (MONAI ``Invertd``), which is how predictions return to the image's grid.
+
+    Args:
+        config: Provides ``target_spacing`` and ``intensity``.
+        keys: ``"image"`` and optionally ``"label"``.
+    """
+    keys = list(keys)
+    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+    steps: list = [
+        mt.LoadImaged(keys, image_only=True),
+        mt.EnsureChannelFirstd(keys),
+        mt.Orientationd(keys, axcodes="RAS"[: config.spatial_dims], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if config.target_spacing is not None:
+        steps.append(mt.Spacingd(keys, pixdim=config.target_spacing, mode=modes))
+    kind, window = parse_intensity(config.intensity)
+    if kind == "zscore":
+        steps.append(mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+    else:
+        low, high = window
+        steps.append(mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+    steps.append(mt.EnsureTyped("image", dtype=torch.float32))
+    if "label" in keys:
+        steps.append(mt.EnsureTyped("label", dtype=torch.long))
+    return mt.Compose(steps)
+
+
+def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
+    """Preprocessing plus padding to the patch size, a random patch and random flips.
+
+    Args:
+        config: Provides the patch size (``roi_size``).
+        labeled: Foreground-biased crops with the label (True) or uniform crops of the image.
+    """
+    keys = ["image", "label"] if labeled else ["image"]
+    roi = config.roi_size
+    steps: list = [*preprocessing(config, keys).transforms, mt.SpatialPadd(keys, spatial_size=roi)]
+    if labeled:
+        steps.append(
+            mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1)
+        )
+    else:
+        steps.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
+    steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(config.spatial_dims)]
+    return mt.Compose(steps)
+
+
+def make_loader(
+    cases: Sequence[dict[str, str]],
+    transform: mt.Compose,
+    batch_size: int,
+    config: TrainConfig,
+    seed: int,
+) -> DataLoader:
+    """An endless loader of random patches (sampling with replacement).
+
+    Args:
+        cases: ``{"image", "label"?}`` dicts.
+        transform: Transforms; the deterministic prefix is cached.
+        batch_size: Patches per batch.
+        config: Provides ``cache_rate`` and ``num_workers``.
+        seed: Seed of the sampler and of the random transforms.
+    """
+    items = [{k: v for k, v in c.items() if k in ("image", "label")} for c in cases]
+    transform.set_random_state(seed)
+    dataset = CacheDataset(items, transform, cache_rate=config.cache_rate, num_workers=None, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(
+        dataset, replacement=True, num_samples=2**31 - 1, generator=generator
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+    )
+
+
+def infinite_batches(loader: DataLoader) -> Iterator[dict]:
+    """Iterate a loader forever."""
+    while True:
+        yield from loader

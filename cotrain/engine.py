@@ -1,0 +1,383 @@
+"""The training engine: one loop for every method (nnU-Net-style trainer with small hooks).
+
+A run: build the ensemble (optionally warm-started from a served model), the method, the
+optimiser and LR schedule; then for each epoch, ``iterations_per_epoch`` steps of
+``method.loss_terms`` -> weighted sum -> backward -> step -> ``method.after_member_step``;
+validate (Dice of each member and of the soft vote, members' disagreement); save a resumable
+``checkpoint.pt``. Only when every epoch completed is ``model.pt`` published, atomically (the
+best validated ensemble, or the last one without validation).
+
+Progress reaches callers through :class:`TrainCallback` objects carrying a :class:`TrainState`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
+
+from cotrain.checkpoint import load_file, save_atomically
+from cotrain.config import TrainConfig
+from cotrain.data import infinite_batches, make_loader, preprocessing, training_transforms
+from cotrain.ensemble import default_device, member_logits_sliding_window, soft_vote
+from cotrain.losses import jensen_shannon_map
+from cotrain.methods import Batch, CoTrainingMethod, build_method
+from cotrain.networks import Ensemble
+from cotrain.schedules import split_labeled_views
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODEL_FILE", "CHECKPOINT_FILE", "TrainCallback", "TrainState", "Trainer", "TrainingStopped"]
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by :meth:`Trainer.fit` when :meth:`Trainer.request_stop` ended the run early."""
+
+
+@dataclass
+class TrainState:
+    """Where a run is; handed to every callback.
+
+    Attributes:
+        epoch: Epochs completed (1-based once the first one ends; 0 before).
+        total_epochs: Epochs of the run.
+        iteration: Iteration within the current epoch.
+        iterations_per_epoch: Iterations per epoch.
+        losses: Latest value of each loss term (unweighted), ``"total"``, the weights
+            (``"weight/NAME"``) and method extras (e.g. ``"critic"``); epoch means at epoch end.
+        metrics: Latest validation: ``"vote_dice"``, ``"member_dice"`` (list), ``"disagreement"``
+            (members' mean Jensen-Shannon divergence, nats), ``"vote_dice_per_class"`` (dict).
+        best_metric: Best soft-vote validation Dice so far (-1 before any validation).
+        best_epoch: Epoch of ``best_metric``.
+        elapsed_s: Seconds since the run started.
+        history: One dict per completed epoch: losses and metrics.
+    """
+
+    epoch: int = 0
+    total_epochs: int = 0
+    iteration: int = 0
+    iterations_per_epoch: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
+
+
+class TrainCallback:
+    """Receives progress. Override any of the methods; the defaults do nothing."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_iteration_end(self, state: TrainState) -> None: ...
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+class Trainer:
+    """Trains a k-member ensemble with one co-training method.
+
+    Args:
+        config: The run's settings.
+        labeled: ``{"image": path, "label": path}`` per labeled case.
+        unlabeled: ``{"image": path}`` per unlabeled case (their labels are never read). When
+            empty, the labeled images double as unlabeled data.
+        output_dir: Where ``checkpoint.pt`` and, on success, ``model.pt`` are written.
+        validation: ``{"image", "label"}`` cases to validate on, or ``None``.
+        callbacks: Progress receivers.
+        init_model: A ``model.pt`` to warm-start the members from (skipped with a warning if
+            its architecture differs).
+        device: ``"cuda"``/``"cpu"``; CUDA when present by default.
+        resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        labeled: Sequence[dict[str, str]],
+        unlabeled: Sequence[dict[str, str]],
+        output_dir: str | Path,
+        validation: Sequence[dict[str, str]] | None = None,
+        callbacks: Sequence[TrainCallback] = (),
+        init_model: str | Path | None = None,
+        device: str | torch.device | None = None,
+        resume: bool = False,
+    ) -> None:
+        if not labeled:
+            raise ValueError("training needs at least one labeled case")
+        missing = [c.get("image") for c in labeled if "label" not in c]
+        if missing:
+            raise ValueError(f"labeled cases without a label: {missing[:3]}")
+        self.config = config
+        self.labeled = list(labeled)
+        self.unlabeled = list(unlabeled)
+        self.validation = list(validation or [])
+        self.output_dir = Path(output_dir)
+        self.callbacks = list(callbacks)
+        self.init_model = Path(init_model) if init_model else None
+        self.device = torch.device(device) if device is not None else default_device()
+        self.resume = resume
+        self.state = TrainState(total_epochs=config.epochs, iterations_per_epoch=config.iterations_per_epoch)
+        self._stop = threading.Event()
+        self._best_weights: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- hooks (override to customise)
+    def build_ensemble(self) -> Ensemble:
+        c = self.config
+        return Ensemble(c.views, c.spatial_dims, 1, c.num_classes, seed=c.seed, network=c.network)
+
+    def build_method(self) -> CoTrainingMethod:
+        c = self.config
+        return build_method(c.method, c.views, c.spatial_dims, 1, c.num_classes, c.method_params, c.seed)
+
+    def build_optimizer(self, ensemble: Ensemble) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(ensemble.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+
+    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Polynomial decay (power 0.9) over all iterations, as in nnU-Net."""
+        total = self.config.epochs * self.config.iterations_per_epoch
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+
+    # ----------------------------------------------------------------- public API
+    def request_stop(self) -> None:
+        """Ask the run to stop after the current iteration; :meth:`fit` then raises
+        :class:`TrainingStopped` and publishes nothing."""
+        self._stop.set()
+
+    def fit(self) -> TrainState:
+        """Run the training and publish ``model.pt``.
+
+        Returns:
+            The final state.
+
+        Raises:
+            FloatingPointError: If a loss becomes NaN or infinite (nothing is published).
+            TrainingStopped: If :meth:`request_stop` was called (nothing is published).
+        """
+        c = self.config
+        set_determinism(seed=c.seed)
+        start = time.monotonic()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        self.ensemble = self.build_ensemble().to(self.device)
+        self.method = self.build_method()
+        self.method.attach(self.ensemble)
+        self.method.to(self.device)
+        self.optimizer = self.build_optimizer(self.ensemble)
+        self.lr_scheduler = self.build_lr_scheduler(self.optimizer)
+        self.use_amp = self.device.type == "cuda" and c.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        first_epoch = self._restore()
+
+        labeled_batches, unlabeled_batches = self._build_data()
+        self._emit("on_train_start")
+        for epoch in range(first_epoch, c.epochs):
+            self._train_epoch(epoch, labeled_batches, unlabeled_batches, start)
+            if self.validation and c.val_interval and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == c.epochs):
+                self._validate()
+            self.state.epoch = epoch + 1
+            self.state.elapsed_s = time.monotonic() - start
+            self.state.history.append({"epoch": epoch + 1, "losses": dict(self.state.losses), "metrics": dict(self.state.metrics)})
+            self._save_checkpoint()
+            self._emit("on_epoch_end")
+        self._publish()
+        self.state.elapsed_s = time.monotonic() - start
+        self._emit("on_train_end")
+        return self.state
+
+    # ----------------------------------------------------------------- internals
+    def _emit(self, event: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self.state)
+
+    def _build_data(self):
+        c = self.config
+        views = split_labeled_views(len(self.labeled), c.views, c.shared_fraction, seed=c.seed)
+        labeled_transform = training_transforms(c, labeled=True)
+        labeled_batches = [
+            infinite_batches(make_loader([self.labeled[i] for i in view], labeled_transform, c.batch_size, c, seed=c.seed + 101 * v))
+            for v, view in enumerate(views)
+        ]
+        unlabeled_batches = None
+        if self.method.uses_unlabeled:
+            pool = self.unlabeled
+            if not pool:
+                logger.warning("no unlabeled images: the labeled images are used as unlabeled data too")
+                pool = [{"image": case["image"]} for case in self.labeled]
+            unlabeled_batches = infinite_batches(
+                make_loader(pool, training_transforms(c, labeled=False), c.unlabeled_batch_size, c, seed=c.seed + 7)
+            )
+        logger.info(
+            "training %s: %d members, %d labeled (views of %s cases), %d unlabeled, %d validation, device %s",
+            c.method, c.views, len(self.labeled), [len(v) for v in views], len(self.unlabeled), len(self.validation), self.device,
+        )
+        return labeled_batches, unlabeled_batches
+
+    def _next_batch(self, labeled_batches, unlabeled_batches) -> Batch:
+        labeled = []
+        for batches in labeled_batches:
+            data = next(batches)
+            labeled.append((data["image"].as_tensor().to(self.device), data["label"].as_tensor().to(self.device)))
+        unlabeled = None
+        if unlabeled_batches is not None:
+            unlabeled = next(unlabeled_batches)["image"].as_tensor().to(self.device)
+        return Batch(labeled=labeled, unlabeled=unlabeled)
+
+    def train_step(self, batch: Batch, progress: float) -> dict[str, float]:
+        """One optimiser step of the members (and the method's own step). Returns the reported values."""
+        self.ensemble.train()
+        self.method.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            terms = self.method.loss_terms(self.ensemble, batch)
+        weights = self.method.loss_weights(progress)
+        total = sum(weights[name] * term.float() for name, term in terms.items())
+        if not torch.isfinite(total):
+            values = {name: float(term.detach()) for name, term in terms.items()}
+            raise FloatingPointError(f"loss is not finite at epoch {self.state.epoch + 1}, iteration {self.state.iteration}: {values}")
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        extras = self.method.after_member_step(self.ensemble, batch)
+        reported = {name: float(term.detach()) for name, term in terms.items()}
+        reported["total"] = float(total.detach())
+        reported.update({f"weight/{name}": w for name, w in weights.items()})
+        reported.update(extras)
+        return reported
+
+    def _train_epoch(self, epoch: int, labeled_batches, unlabeled_batches, start: float) -> None:
+        c = self.config
+        sums: dict[str, float] = {}
+        for iteration in range(c.iterations_per_epoch):
+            if self._stop.is_set():
+                raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
+            progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
+            batch = self._next_batch(labeled_batches, unlabeled_batches)
+            reported = self.train_step(batch, progress)
+            for name, value in reported.items():
+                sums[name] = sums.get(name, 0.0) + value
+            self.state.iteration = iteration + 1
+            self.state.losses = reported
+            self.state.elapsed_s = time.monotonic() - start
+            self._emit("on_iteration_end")
+        self.state.losses = {name: total / c.iterations_per_epoch for name, total in sums.items()}
+        self.state.losses["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """Dice of each member and of the soft vote on the validation cases (whole volumes)."""
+        c = self.config
+        self.ensemble.eval()
+        transform = preprocessing(c, keys=("image", "label"))
+        members = [DiceMetric(include_background=False, reduction="mean_batch") for _ in range(c.views)]
+        vote_metric = DiceMetric(include_background=False, reduction="mean_batch")
+        disagreements = []
+        for case in self.validation:
+            data = transform({"image": case["image"], "label": case["label"]})
+            image = data["image"].as_tensor().unsqueeze(0).to(self.device)
+            target = one_hot(data["label"].as_tensor().unsqueeze(0).to(self.device), c.num_classes)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                logits = member_logits_sliding_window(self.ensemble, image, c.roi_size)
+            for metric, member_logits in zip(members, logits, strict=True):
+                metric(one_hot(member_logits.argmax(1, keepdim=True), c.num_classes), target)
+            vote_metric(one_hot(soft_vote(logits).argmax(1, keepdim=True), c.num_classes), target)
+            disagreements.append(float(jensen_shannon_map(logits).mean()))
+        per_class = vote_metric.aggregate().cpu().numpy()
+        names = sorted(c.labels, key=c.labels.get)
+        vote_dice = float(np.nanmean(per_class))
+        self.state.metrics = {
+            "vote_dice": vote_dice,
+            "vote_dice_per_class": {name: float(v) for name, v in zip(names, per_class, strict=True)},
+            "member_dice": [float(np.nanmean(m.aggregate().cpu().numpy())) for m in members],
+            "disagreement": float(np.mean(disagreements)),
+        }
+        if vote_dice > self.state.best_metric:
+            self.state.best_metric = vote_dice
+            self.state.best_epoch = self.state.epoch + 1
+            self._best_weights = {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()}
+        logger.info(
+            "validation: vote Dice %.4f, members %s, disagreement %.5f",
+            vote_dice, [round(d, 4) for d in self.state.metrics["member_dice"]], self.state.metrics["disagreement"],
+        )
+
+    def _model_payload(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "ensemble": {"spec": self.ensemble.spec, "state_dict": state_dict},
+            "metrics": {"best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch, **self.state.metrics},
+            "epoch": self.state.epoch,
+            "created": time.time(),
+        }
+
+    def _save_checkpoint(self) -> None:
+        payload = self._model_payload(self.ensemble.state_dict())
+        payload.update(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "method": self.method.state_dict(),
+                "auxiliary_optimizers": {n: o.state_dict() for n, o in self.method.auxiliary_optimizers().items()},
+                "best_weights": self._best_weights,
+                "state": self.state.to_dict(),
+            }
+        )
+        save_atomically(payload, self.output_dir / CHECKPOINT_FILE)
+
+    def _restore(self) -> int:
+        """Load a checkpoint to resume, or warm-start weights; returns the first epoch to run."""
+        checkpoint = self.output_dir / CHECKPOINT_FILE
+        if self.resume and checkpoint.exists():
+            payload = load_file(checkpoint, map_location=self.device)
+            if payload["config"] != self.config.to_dict():
+                logger.warning("resuming with a configuration that differs from the checkpoint's")
+            self.ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.lr_scheduler.load_state_dict(payload["lr_scheduler"])
+            self.scaler.load_state_dict(payload["scaler"])
+            self.method.load_state_dict(payload["method"])
+            for name, optimizer in self.method.auxiliary_optimizers().items():
+                optimizer.load_state_dict(payload["auxiliary_optimizers"][name])
+            self._best_weights = payload["best_weights"]
+            self.state = TrainState(**payload["state"])
+            logger.info("resumed from %s at epoch %d", checkpoint, self.state.epoch)
+            return self.state.epoch
+        if self.init_model is not None and self.init_model.exists():
+            payload = load_file(self.init_model, map_location=self.device)
+            if payload["ensemble"]["spec"] == self.ensemble.spec:
+                self.ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+                self.method.attach(self.ensemble)  # e.g. teachers start from the warm weights
+                self.method.to(self.device)
+                logger.info("warm start from %s", self.init_model)
+            else:
+                logger.warning("not warm-starting from %s: its ensemble differs from this run's", self.init_model)
+        return 0
+
+    def _publish(self) -> None:
+        """Write ``model.pt`` (best validated weights, or the last ones) atomically."""
+        weights = self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
+        path = save_atomically(self._model_payload(weights), self.output_dir / MODEL_FILE)
+        logger.info("published %s (best vote Dice %.4f at epoch %d)", path, self.state.best_metric, self.state.best_epoch)
+

@@ -1,0 +1,192 @@
+"""Serving the ensemble: soft voting, member disagreement, whole-volume prediction of a file.
+
+The label served is the argmax of the soft vote (mean of the members' class probabilities);
+the uncertainty map is the members' per-voxel Jensen-Shannon divergence (0 where they agree).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+
+from cotrain.checkpoint import load_file
+from cotrain.config import TrainConfig
+from cotrain.data import preprocessing
+from cotrain.losses import jensen_shannon_map
+from cotrain.networks import Ensemble
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EnsemblePredictor",
+    "Prediction",
+    "default_device",
+    "ensemble_from_payload",
+    "member_logits_sliding_window",
+    "soft_vote",
+]
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def soft_vote(member_logits: torch.Tensor) -> torch.Tensor:
+    """Soft voting: the mean of the members' class probabilities.
+
+    Args:
+        member_logits: ``(k, B, C, *spatial)``.
+
+    Returns:
+        ``(B, C, *spatial)`` probabilities.
+    """
+    return torch.softmax(member_logits.float(), dim=2).mean(dim=0)
+
+
+def member_logits_sliding_window(
+    ensemble: Ensemble,
+    image: torch.Tensor,
+    roi_size: tuple[int, ...],
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+) -> torch.Tensor:
+    """Every member's logits on a whole volume with MONAI's sliding-window inferer (one pass
+    over the windows for all members).
+
+    Args:
+        ensemble: The members.
+        image: ``(B, C_in, *spatial)``.
+        roi_size: Window size.
+        overlap: Window overlap.
+        sw_batch_size: Windows per forward pass.
+
+    Returns:
+        ``(k, B, C, *spatial)`` float32 logits.
+    """
+    k = len(ensemble)
+
+    def all_members(x: torch.Tensor) -> torch.Tensor:  # (k, b, C, ...) -> (b, k*C, ...)
+        out = ensemble(x)
+        return out.movedim(0, 1).flatten(1, 2)
+
+    stacked = sliding_window_inference(
+        image, roi_size, sw_batch_size, all_members, overlap=overlap, mode="gaussian"
+    )
+    stacked = stacked.as_tensor() if isinstance(stacked, MetaTensor) else stacked
+    batch, channels = stacked.shape[:2]
+    return stacked.float().view(batch, k, channels // k, *stacked.shape[2:]).movedim(1, 0)
+
+
+def ensemble_from_payload(payload: dict[str, Any]) -> tuple[Ensemble, TrainConfig]:
+    """Rebuild the ensemble and its configuration from a model or checkpoint payload."""
+    config = TrainConfig.from_dict(payload["config"])
+    spec = payload["ensemble"]["spec"]
+    ensemble = Ensemble(
+        spec["num_members"], spec["spatial_dims"], spec["in_channels"], spec["num_classes"],
+        network=spec["network"],
+    )
+    ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+    return ensemble, config
+
+
+@dataclass
+class Prediction:
+    """A prediction in the input image's own grid.
+
+    Attributes:
+        label: Label values (0 background), uint8, the image's spatial shape.
+        uncertainty: Members' Jensen-Shannon divergence per voxel (nats), float32, same shape.
+        probabilities: Soft-vote class probabilities ``(C, *spatial)``, float32.
+        affine: The image's affine.
+    """
+
+    label: np.ndarray
+    uncertainty: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+
+
+class EnsemblePredictor:
+    """Loads a published ensemble and predicts whole images by soft voting.
+
+    Args:
+        ensemble: The members.
+        config: The configuration the ensemble was trained with (preprocessing, labels, ROI).
+        device: Where to run; CUDA when present by default.
+    """
+
+    def __init__(self, ensemble: Ensemble, config: TrainConfig, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.ensemble = ensemble.to(self.device).eval()
+        self.config = config
+        self._preprocess = preprocessing(config, keys=("image",))
+
+    @classmethod
+    def load(cls, model_path: str | Path, device: str | torch.device | None = None) -> EnsemblePredictor:
+        """Load ``model.pt`` written by the training engine.
+
+        Args:
+            model_path: The model file.
+            device: Where to run.
+        """
+        ensemble, config = ensemble_from_payload(load_file(model_path))
+        logger.info("loaded %d-member %s ensemble from %s", len(ensemble), config.method, model_path)
+        return cls(ensemble, config, device)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Label names to values."""
+        return dict(self.config.labels)
+
+    @torch.no_grad()
+    def predict_file(self, image_path: str | Path) -> Prediction:
+        """Predict one image file, returning label and uncertainty in the file's own grid.
+
+        Args:
+            image_path: A NIfTI (or any format MONAI's ``LoadImage`` reads) image.
+        """
+        image_path = Path(image_path)
+        data = self._preprocess({"image": str(image_path)})
+        image = data["image"]
+        use_amp = self.device.type == "cuda" and self.config.amp
+        with torch.autocast(self.device.type, enabled=use_amp):
+            logits = member_logits_sliding_window(
+                self.ensemble, image.unsqueeze(0).to(self.device), self.config.roi_size
+            )
+        vote = soft_vote(logits)[0]
+        disagreement = jensen_shannon_map(logits)[0].unsqueeze(0)
+        # Probabilities and uncertainty go back through the inverse of the preprocessing.
+        stacked = MetaTensor(torch.cat([vote, disagreement]).cpu(), meta=image.meta, applied_operations=image.applied_operations)
+        restored = self._preprocess.inverse({"image": stacked})["image"]
+        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else restored
+        probabilities = restored[:-1].numpy().astype(np.float32)
+        uncertainty = restored[-1].numpy().astype(np.float32)
+        reference = nib.load(str(image_path))
+        expected = tuple(reference.shape[: self.config.spatial_dims])
+        if probabilities.shape[1:] != expected:
+            raise RuntimeError(f"restored prediction has shape {probabilities.shape[1:]}, image has {expected}")
+        label = probabilities.argmax(axis=0).astype(np.uint8)
+        return Prediction(label, uncertainty, probabilities, reference.affine)
+
+    def mean_disagreement(self, image_path: str | Path) -> float:
+        """Mean member disagreement over the image (for active learning)."""
+        return float(self.predict_file(image_path).uncertainty.mean())
+
+    @staticmethod
+    def write_prediction(
+        prediction: Prediction, label_path: str | Path, uncertainty_path: str | Path | None = None
+    ) -> None:
+        """Write the label (and optionally the uncertainty map) as NIfTI with the image's affine."""
+        nib.save(nib.Nifti1Image(prediction.label, prediction.affine), str(label_path))
+        if uncertainty_path is not None:
+            nib.save(nib.Nifti1Image(prediction.uncertainty, prediction.affine), str(uncertainty_path))
+

@@ -1,0 +1,127 @@
+"""What a method is: given the ensemble and one batch, the named loss terms and their weights.
+
+The training engine does everything else (data, optimiser, AMP, validation, checkpoints) the
+same way for every method, so baselines and the two papers share one loop and compare fairly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cotrain.losses import dice_ce_loss
+from cotrain.networks import Ensemble
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "CoTrainingMethod", "LossTerms"]
+
+#: Unweighted loss terms by name; the total is ``sum(weights[name] * term)``.
+LossTerms = dict[str, torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One training step's data.
+
+    Attributes:
+        labeled: For each member, ``(images, targets)`` drawn from that member's labeled view;
+            images ``(B, C_in, *spatial)``, targets ``(B, 1, *spatial)`` class indices.
+        unlabeled: ``(B_u, C_in, *spatial)`` images shared by all members, or ``None`` for
+            methods that do not use unlabeled data.
+    """
+
+    labeled: list[tuple[torch.Tensor, torch.Tensor]]
+    unlabeled: torch.Tensor | None = None
+
+
+class CoTrainingMethod(nn.Module):
+    """Base class of the methods. Subclasses set ``name``, a ``Params`` dataclass, and implement
+    :meth:`loss_terms` and :meth:`loss_weights`.
+
+    A method is an ``nn.Module`` so that its own state (a critic, EMA teachers) moves to the
+    device and into checkpoints with it; the ensemble is passed in, never owned.
+
+    Args:
+        num_members: k.
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes including background.
+        params: Overrides of the method's ``Params`` fields; an unknown name is an error.
+        seed: Seed of the method's own randomness (pair sampling).
+    """
+
+    name: ClassVar[str] = ""
+    uses_unlabeled: ClassVar[bool] = True
+    min_members: ClassVar[int] = 1
+
+    @dataclass
+    class Params:
+        """Hyperparameters; subclasses define their own."""
+
+    def __init__(
+        self,
+        num_members: int,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_members < self.min_members:
+            raise ValueError(f"{self.name} needs at least {self.min_members} members, got {num_members}")
+        known = {f.name for f in dataclasses.fields(self.Params)}
+        unknown = sorted(set(params or {}) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {self.name} parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        self.params = self.Params(**(params or {}))
+        self.num_members = num_members
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.seed = seed
+
+    def attach(self, ensemble: Ensemble) -> None:
+        """Hook called once the ensemble exists (before a checkpoint is loaded into the method)."""
+
+    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+        """Unweighted loss terms of one step (each a scalar tensor with a graph to the members)."""
+        raise NotImplementedError
+
+    def loss_weights(self, progress: float) -> dict[str, float]:
+        """Weight of each term at ``progress`` (fraction of training done, in [0, 1])."""
+        raise NotImplementedError
+
+    def after_member_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
+        """Hook after the members' optimiser step (critic step, EMA update).
+
+        Returns:
+            Extra values to report (e.g. the critic's loss).
+        """
+        return {}
+
+    def auxiliary_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers the method owns (Duo-SegNet's critic), by name, for checkpoints."""
+        return {}
+
+    @staticmethod
+    def supervised_term(ensemble: Ensemble, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Sum over members of Dice+CE on each member's own labeled batch.
+
+        Returns:
+            The summed term and each member's logits on its labeled batch.
+        """
+        logits = [member(images) for member, (images, _) in zip(ensemble.members, batch.labeled, strict=True)]
+        total = sum(
+            dice_ce_loss(member_logits, targets)
+            for member_logits, (_, targets) in zip(logits, batch.labeled, strict=True)
+        )
+        return total, logits

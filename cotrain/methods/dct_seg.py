@@ -1,0 +1,111 @@
+"""DCT-Seg: deep co-training for segmentation with adversarial diversity (Peng et al. 2020).
+
+``L = L_sup + lambda_cot(t) L_cot + lambda_div(t) L_div``:
+
+- ``L_sup``: Dice+CE of every member on its own labeled view (Eq. 2-3);
+- ``L_cot``: Jensen-Shannon divergence of all k members on the unlabeled batch (Eq. 4);
+- ``L_div``: for a random pair (i, j) each step (every member is in a pair every ceil(k/2)
+  steps), member j learns member i's clean prediction on examples made adversarial for i,
+  and vice versa (Eq. 5). Adversarial examples: FGSM against the ground truth on labeled
+  images (Eq. 7), VAT on unlabeled images (Eq. 6).
+
+Departure from Algorithm 1 for k > 2: the supervised and agreement terms update all members
+every step (they are cheap next to the adversarial examples); only the diversity term is
+restricted to the sampled pair. For k = 2 it is the paper's algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cotrain.adversarial import fgsm_perturbation, vat_perturbation
+from cotrain.losses import adversarial_diversity_loss, jensen_shannon_agreement
+from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.networks import Ensemble
+from cotrain.schedules import MemberPairSampler, gaussian_rampup
+
+
+class DCTSeg(CoTrainingMethod):
+    """Deep co-training with adversarial diversity (see module docstring)."""
+
+    name = "dct_seg"
+    min_members = 2
+
+    @dataclass
+    class Params:
+        """Attributes:
+        lambda_cot: Maximum weight of the JSD agreement term (paper: 0.5).
+        lambda_div: Maximum weight of the adversarial diversity term (paper: 0.05).
+        cot_rampup_start: Fraction of training where the agreement ramp-up starts.
+        div_rampup_start: Fraction of training where the diversity ramp-up starts (the paper
+            starts it later, at epoch 20 of its ramp to 50).
+        rampup_end: Fraction of training where both reach their maximum.
+        fgsm_epsilon: L-infinity size of FGSM perturbations (normalised image units).
+        vat_epsilon: L2 size of VAT perturbations per sample, over the whole patch.
+        vat_xi: L2 size of VAT's probe step (must not vanish in 3D, see ``vat_perturbation``).
+        vat_power_iterations: VAT power iterations.
+        """
+
+        lambda_cot: float = 0.5
+        lambda_div: float = 0.05
+        cot_rampup_start: float = 0.0
+        div_rampup_start: float = 0.1
+        rampup_end: float = 0.3
+        fgsm_epsilon: float = 0.05
+        vat_epsilon: float = 6.0
+        vat_xi: float = 10.0
+        vat_power_iterations: int = 1
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pairs = MemberPairSampler(self.num_members, seed=self.seed)
+
+    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+        supervised, labeled_logits = self.supervised_term(ensemble, batch)
+        unlabeled_logits = ensemble(batch.unlabeled)
+        i, j = self.pairs()
+        diversity = self._diversity_direction(ensemble, batch, i, j, labeled_logits, unlabeled_logits)
+        diversity = diversity + self._diversity_direction(ensemble, batch, j, i, labeled_logits, unlabeled_logits)
+        return {
+            "supervised": supervised,
+            "agreement": jensen_shannon_agreement(unlabeled_logits),
+            "diversity": diversity,
+        }
+
+    def _diversity_direction(
+        self,
+        ensemble: Ensemble,
+        batch: Batch,
+        source: int,
+        other: int,
+        labeled_logits: list[torch.Tensor],
+        unlabeled_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """``KL(f_source(x) || f_other(g_source(x)))`` over source's labeled batch and the unlabeled batch."""
+        p = self.params
+        source_net, other_net = ensemble.members[source], ensemble.members[other]
+        images, targets = batch.labeled[source]
+        labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(images.dtype)
+        unlabeled = batch.unlabeled
+        unlabeled_adv = unlabeled + vat_perturbation(
+            source_net, unlabeled, p.vat_epsilon, p.vat_xi, p.vat_power_iterations
+        ).to(unlabeled.dtype)
+        other_on_adv = other_net(torch.cat([labeled_adv, unlabeled_adv]))
+        source_clean = torch.cat([labeled_logits[source], unlabeled_logits[source]])
+        return adversarial_diversity_loss(source_clean, other_on_adv)
+
+    def loss_weights(self, progress: float) -> dict[str, float]:
+        p = self.params
+        return {
+            "supervised": 1.0,
+            "agreement": gaussian_rampup(progress, p.lambda_cot, p.cot_rampup_start, p.rampup_end),
+            "diversity": gaussian_rampup(progress, p.lambda_div, p.div_rampup_start, p.rampup_end),
+        }
+
+    def get_extra_state(self) -> dict:
+        return {"pairs": self.pairs.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.pairs.load_state_dict(state["pairs"])

@@ -1,0 +1,116 @@
+"""Duo-SegNet: adversarial dual-view co-training with a critic (Peiris et al., MICCAI 2021).
+
+Members minimise ``lambda_s L_s + lambda_u(t) L_u + lambda_c(t) L_c`` and the critic maximises
+``L_c`` with its own optimiser (one critic step per members' step, as in the official code):
+
+- ``L_s``: Dice+CE of each member on its labeled view (Eqs. 3-4);
+- ``L_u``: symmetric cross-entropy between every pair of members on unlabeled data (Eq. 5);
+- ``L_c``: the members' adversarial loss, fooling the critic on labeled and unlabeled
+  predictions (Eqs. 6-8).
+
+Fixed against the official code: ``L_u`` and the Dice term keep their gradients (the official
+code computes them through ``.item()``), and the critic sees the image and spatial context
+(the official critic is 1x1 convolutions on the probabilities alone).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cotrain.losses import (
+    critic_adversarial_loss,
+    critic_discriminator_loss,
+    symmetric_cross_entropy_agreement,
+)
+from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.networks import Critic, Ensemble
+from cotrain.schedules import gaussian_rampup
+
+
+class DuoSegNet(CoTrainingMethod):
+    """Dual-view co-training with a critic (see module docstring)."""
+
+    name = "duo_segnet"
+    min_members = 2
+
+    @dataclass
+    class Params:
+        """Attributes:
+        lambda_u: Maximum weight of the symmetric cross-entropy agreement (paper 0.3, code 0.4).
+        lambda_c: Maximum weight of the members' adversarial (critic) loss (paper and code 0.2).
+        rampup_start: Fraction of training where both ramp-ups start.
+        rampup_end: Fraction of training where both reach their maximum.
+        critic_learning_rate: RMSprop learning rate of the critic (paper 5e-5).
+        critic_channels: Feature channels of the critic's blocks.
+        """
+
+        lambda_u: float = 0.3
+        lambda_c: float = 0.2
+        rampup_start: float = 0.0
+        rampup_end: float = 0.3
+        critic_learning_rate: float = 5e-5
+        critic_channels: tuple[int, ...] = (16, 32, 64)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.critic = Critic(
+            self.spatial_dims, self.in_channels, self.num_classes, tuple(self.params.critic_channels)
+        )
+        self.critic_optimizer = torch.optim.RMSprop(
+            self.critic.parameters(), lr=self.params.critic_learning_rate
+        )
+        self._labeled_probabilities: list[torch.Tensor] = []
+
+    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+        supervised, labeled_logits = self.supervised_term(ensemble, batch)
+        unlabeled_logits = ensemble(batch.unlabeled)
+        pairs = list(itertools.combinations(range(len(ensemble)), 2))
+        agreement = sum(
+            symmetric_cross_entropy_agreement(unlabeled_logits[a], unlabeled_logits[b]) for a, b in pairs
+        ) / len(pairs)
+
+        labeled_probabilities = [torch.softmax(logits.float(), dim=1) for logits in labeled_logits]
+        unlabeled_probabilities = torch.softmax(unlabeled_logits.float(), dim=2)
+        adversarial = 0.0
+        for (images, _), member_labeled, member_unlabeled in zip(
+            batch.labeled, labeled_probabilities, unlabeled_probabilities, strict=True
+        ):
+            adversarial = adversarial + critic_adversarial_loss(self.critic(images, member_labeled))
+            adversarial = adversarial + critic_adversarial_loss(self.critic(batch.unlabeled, member_unlabeled))
+        # Detached labeled predictions are the critic's "fake" examples in its own step.
+        self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
+        return {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
+
+    def loss_weights(self, progress: float) -> dict[str, float]:
+        p = self.params
+        return {
+            "supervised": 1.0,
+            "agreement": gaussian_rampup(progress, p.lambda_u, p.rampup_start, p.rampup_end),
+            "adversarial": gaussian_rampup(progress, p.lambda_c, p.rampup_start, p.rampup_end),
+        }
+
+    def critic_loss(self, batch: Batch, member_probabilities: list[torch.Tensor]) -> torch.Tensor:
+        """The critic's loss: ground truths are real, the members' labeled predictions fake."""
+        total = 0.0
+        for (images, targets), probabilities in zip(batch.labeled, member_probabilities, strict=True):
+            one_hot = F.one_hot(targets[:, 0].long(), self.num_classes).movedim(-1, 1).float()
+            total = total + critic_discriminator_loss(
+                self.critic(images, one_hot), self.critic(images, probabilities.detach())
+            )
+        return total / len(member_probabilities)
+
+    def after_member_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
+        """One critic step on this step's labeled predictions."""
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        loss = self.critic_loss(batch, self._labeled_probabilities)
+        loss.backward()
+        self.critic_optimizer.step()
+        self._labeled_probabilities = []
+        return {"critic": float(loss.detach())}
+
+    def auxiliary_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"critic": self.critic_optimizer}

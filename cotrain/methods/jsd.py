@@ -1,0 +1,40 @@
+"""JSD-only baseline: DCT-Seg without its adversarial diversity term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cotrain.losses import jensen_shannon_agreement
+from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.networks import Ensemble
+from cotrain.schedules import gaussian_rampup
+
+
+class JensenShannonOnly(CoTrainingMethod):
+    """``L = L_sup + lambda_cot(t) * JSD(f_1..f_k on unlabeled)``."""
+
+    name = "jsd"
+    min_members = 2
+
+    @dataclass
+    class Params:
+        """Attributes:
+        lambda_cot: Maximum weight of the agreement term.
+        rampup_start: Fraction of training at which its ramp-up starts.
+        rampup_end: Fraction of training at which it reaches ``lambda_cot``.
+        """
+
+        lambda_cot: float = 0.5
+        rampup_start: float = 0.0
+        rampup_end: float = 0.3
+
+    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+        supervised, _ = self.supervised_term(ensemble, batch)
+        return {"supervised": supervised, "agreement": jensen_shannon_agreement(ensemble(batch.unlabeled))}
+
+    def loss_weights(self, progress: float) -> dict[str, float]:
+        p = self.params
+        return {
+            "supervised": 1.0,
+            "agreement": gaussian_rampup(progress, p.lambda_cot, p.rampup_start, p.rampup_end),
+        }

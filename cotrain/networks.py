@@ -1,0 +1,167 @@
+"""Networks: the ensemble members (MONAI networks), the ensemble that holds them, and the critic.
+
+Members are ordinary MONAI networks kept in one :class:`Ensemble`, so that every method and
+the soft vote see the same object, a checkpoint holds all members at once, and a later
+version can run the members stacked without changing callers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import UNet
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Critic", "Ensemble", "build_member"]
+
+#: MONAI networks a member can be, by name.
+_ARCHITECTURES = {"unet": UNet}
+
+
+def build_member(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    architecture: str = "unet",
+    **kwargs: Any,
+) -> nn.Module:
+    """Build one segmentation network.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        out_channels: Classes including background (the network returns logits).
+        architecture: Name of the MONAI network (``"unet"``, or ``"basicunet"``/``"segresnet"``).
+        **kwargs: Passed to the network (e.g. ``channels``, ``strides`` for the UNet).
+    """
+    architecture = architecture.lower()
+    if architecture == "unet":
+        kwargs.setdefault("channels", (16, 32, 64, 128))
+        kwargs.setdefault("strides", (2,) * (len(kwargs["channels"]) - 1))
+        kwargs.setdefault("num_res_units", 2)
+        # Instance norm with an affine: robust at the small batch sizes of 3D training.
+        kwargs.setdefault("norm", ("instance", {"affine": True}))
+        return UNet(spatial_dims, in_channels, out_channels, **kwargs)
+    if architecture == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        return BasicUNet(spatial_dims, in_channels, out_channels, **kwargs)
+    if architecture == "segresnet":
+        from monai.networks.nets import SegResNet
+
+        return SegResNet(spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    raise ValueError(f"unknown architecture {architecture!r}; use unet, basicunet or segresnet")
+
+
+class Ensemble(nn.Module):
+    """k segmentation networks of one architecture, each with its own initialisation.
+
+    Args:
+        num_members: k.
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes including background.
+        seed: Member ``i`` is initialised with seed ``seed + i`` (different initialisations are
+            one of the sources of diversity co-training relies on).
+        network: Keyword arguments of :func:`build_member`.
+    """
+
+    def __init__(
+        self,
+        num_members: int,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        seed: int = 0,
+        network: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = {
+            "num_members": num_members,
+            "spatial_dims": spatial_dims,
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "network": dict(network or {}),
+        }
+        members = []
+        for i in range(num_members):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)
+                members.append(
+                    build_member(spatial_dims, in_channels, num_classes, **copy.deepcopy(network or {}))
+                )
+        self.members = nn.ModuleList(members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every member on the same input.
+
+        Args:
+            x: ``(B, C_in, *spatial)``.
+
+        Returns:
+            ``(k, B, num_classes, *spatial)``.
+        """
+        return torch.stack([member(x) for member in self.members])
+
+
+class Critic(nn.Module):
+    """A 3D (or 2D) fully convolutional critic for Duo-SegNet.
+
+    It sees the image together with a segmentation (class probabilities or a one-hot ground
+    truth) and answers, per location of a coarse grid, the logit that the segmentation is a
+    ground-truth one. Unlike the official 2D code (1x1 convolutions on the probabilities alone),
+    its strided 3x3x3 convolutions give it spatial context and the image, so it can judge shape
+    and fit to the anatomy.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        num_classes: Classes of the segmentation it judges.
+        channels: Feature channels of its stride-2 convolution blocks.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        channels: tuple[int, ...] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = in_channels + num_classes
+        for c in channels:
+            layers.append(
+                Convolution(
+                    spatial_dims,
+                    previous,
+                    c,
+                    strides=2,
+                    kernel_size=3,
+                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    norm=("instance", {"affine": True}),
+                )
+            )
+            previous = c
+        layers.append(
+            Convolution(spatial_dims, previous, 1, kernel_size=3, conv_only=True)
+        )
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> torch.Tensor:
+        """Logit map that ``segmentation`` is a ground truth.
+
+        Args:
+            image: ``(B, C_in, *spatial)``.
+            segmentation: ``(B, num_classes, *spatial)`` probabilities or one-hot.
+        """
+        return self.net(torch.cat([image, segmentation], dim=1))

@@ -1,0 +1,126 @@
+"""Schedules and sampling: the Gaussian ramp-up of the loss weights, per-view labeled subsets,
+and the member pairs that DCT-Seg updates each iteration."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GaussianRampUp", "MemberPairSampler", "gaussian_rampup", "split_labeled_views"]
+
+
+def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> float:
+    """Gaussian ramp-up of both papers (Peng et al. 2020, Eq. 8).
+
+    ``0`` for ``t < t_start``; ``maximum * exp(-5 (1 - (t - t_start)/(t_end - t_start))^2)`` for
+    ``t_start <= t < t_end``; ``maximum`` for ``t >= t_end``.
+
+    Args:
+        t: Current time (epochs, fractional allowed).
+        maximum: Value after the ramp.
+        t_start: Time at which the ramp starts (value ``maximum * exp(-5)`` there).
+        t_end: Time at which the value reaches ``maximum``.
+    """
+    if t < t_start:
+        return 0.0
+    if t >= t_end or t_end <= t_start:
+        return float(maximum)
+    phase = 1.0 - (t - t_start) / (t_end - t_start)
+    return float(maximum * math.exp(-5.0 * phase * phase))
+
+
+@dataclass(frozen=True)
+class GaussianRampUp:
+    """A loss weight that follows :func:`gaussian_rampup` over epochs.
+
+    Attributes:
+        maximum: Weight after the ramp.
+        t_start: Epoch at which the ramp starts.
+        t_end: Epoch at which the weight reaches ``maximum``.
+    """
+
+    maximum: float
+    t_start: float = 0.0
+    t_end: float = 0.0
+
+    def __call__(self, epoch: float) -> float:
+        return gaussian_rampup(epoch, self.maximum, self.t_start, self.t_end)
+
+
+def split_labeled_views(
+    num_labeled: int, num_views: int, shared_fraction: float = 1.0, seed: int = 0
+) -> list[list[int]]:
+    """Labeled subsets per view: a shared part plus exclusive chunks (DCT-Seg, Sec. 3.2.1).
+
+    The cases are shuffled; the first ``round(shared_fraction * n)`` go to every view and the
+    rest is dealt into ``num_views`` exclusive chunks. With ``shared_fraction=1`` (the official
+    default) every view sees every labeled case.
+
+    Args:
+        num_labeled: Number of labeled cases n.
+        num_views: Number of members k.
+        shared_fraction: Fraction of the cases that all views share.
+        seed: Seed of the shuffle.
+
+    Returns:
+        For each view, the sorted indices of its labeled cases (never empty when ``n >= 1``).
+    """
+    if num_labeled < 1:
+        raise ValueError("at least one labeled case is needed")
+    order = list(range(num_labeled))
+    random.Random(seed).shuffle(order)
+    num_shared = round(shared_fraction * num_labeled)
+    shared, rest = order[:num_shared], order[num_shared:]
+    views = [sorted(shared + rest[v::num_views]) for v in range(num_views)]
+    for v, view in enumerate(views):
+        if not view:  # too few cases to deal one to every view: lend the shared pool's
+            views[v] = sorted(order[: max(1, num_shared)])
+    return views
+
+
+class MemberPairSampler:
+    """Random pairs of distinct members such that every member is in a pair every ``ceil(k/2)``
+    draws (DCT-Seg, Algorithm 1: "all networks are updated at each ceil(k/2) iterations").
+
+    Args:
+        num_members: k >= 2.
+        seed: Seed of the shuffles.
+    """
+
+    def __init__(self, num_members: int, seed: int = 0) -> None:
+        if num_members < 2:
+            raise ValueError("pairs need at least 2 members")
+        self.num_members = num_members
+        self._rng = random.Random(seed)
+        self._queue: list[tuple[int, int]] = []
+
+    def _refill(self) -> None:
+        order = list(range(self.num_members))
+        self._rng.shuffle(order)
+        if len(order) % 2:  # odd k: the last member pairs with a random other one
+            order.append(self._rng.choice(order[:-1]))
+        self._queue = [(order[i], order[i + 1]) for i in range(0, len(order), 2)]
+
+    def __call__(self) -> tuple[int, int]:
+        """The next pair ``(i, j)`` with ``i != j``."""
+        if not self._queue:
+            self._refill()
+        return self._queue.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"rng": self._rng.getstate(), "queue": list(self._queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.setstate(_as_rng_state(state["rng"]))
+        self._queue = [tuple(p) for p in state["queue"]]
+
+
+def _as_rng_state(state: Sequence) -> tuple:
+    """``random.Random`` state back from a checkpoint (tuples may come back as lists)."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
