@@ -39,7 +39,9 @@ def l2_normalize(d: torch.Tensor) -> torch.Tensor:
     return d / norm.view(-1, *([1] * (d.dim() - 1)))
 
 
-def fgsm_perturbation(model: nn.Module, image: torch.Tensor, target: torch.Tensor, epsilon: float) -> torch.Tensor:
+def fgsm_perturbation(
+    model: nn.Module, image: torch.Tensor, target: torch.Tensor, epsilon: float
+) -> torch.Tensor:
     """Fast Gradient Sign Method: ``r = eps * sign(grad_x CE(f(x), y))`` (Peng et al., Eq. 7).
 
     Args:

@@ -71,5 +71,7 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if fmt.get("name") != MODEL_FORMAT["name"]:
         raise ValueError(f"{path} is not a cotrain model file")
     if fmt.get("version", 0) > MODEL_FORMAT["version"]:
-        raise ValueError(f"{path} has format version {fmt['version']}; this cotrain reads up to {MODEL_FORMAT['version']}")
+        raise ValueError(
+            f"{path} has format version {fmt['version']}; this cotrain reads up to {MODEL_FORMAT['version']}"
+        )
     return payload

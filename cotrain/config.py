@@ -152,7 +152,9 @@ def parse_intensity(spec: str) -> tuple[str, tuple[float, float] | None]:
         try:
             low, high = (float(v) for v in spec[3:].split(","))
         except ValueError:
-            raise ValueError(f"intensity {spec!r}: expected 'ct:LOW,HIGH', e.g. 'ct:-1000,1000'") from None
+            raise ValueError(
+                f"intensity {spec!r}: expected 'ct:LOW,HIGH', e.g. 'ct:-1000,1000'"
+            ) from None
         if not low < high:
             raise ValueError(f"intensity {spec!r}: LOW must be below HIGH")
         return "ct", (low, high)

@@ -89,7 +89,9 @@ def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label"))
     steps: list = [
         mt.LoadImaged(keys, image_only=True),
         mt.EnsureChannelFirstd(keys),
-        mt.Orientationd(keys, axcodes="RAS"[: config.spatial_dims], labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Orientationd(
+            keys, axcodes="RAS"[: config.spatial_dims], labels=(("L", "R"), ("P", "A"), ("I", "S"))
+        ),
     ]
     if config.target_spacing is not None:
         steps.append(mt.Spacingd(keys, pixdim=config.target_spacing, mode=modes))
@@ -98,7 +100,9 @@ def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label"))
         steps.append(mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
     else:
         low, high = window
-        steps.append(mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
+        steps.append(
+            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        )
     steps.append(mt.EnsureTyped("image", dtype=torch.float32))
     if "label" in keys:
         steps.append(mt.EnsureTyped("label", dtype=torch.long))
@@ -117,11 +121,15 @@ def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
     steps: list = [*preprocessing(config, keys).transforms, mt.SpatialPadd(keys, spatial_size=roi)]
     if labeled:
         steps.append(
-            mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1)
+            mt.RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
+            )
         )
     else:
         steps.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
-    steps += [mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(config.spatial_dims)]
+    steps += [
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(config.spatial_dims)
+    ]
     return mt.Compose(steps)
 
 
@@ -143,7 +151,9 @@ def make_loader(
     """
     items = [{k: v for k, v in c.items() if k in ("image", "label")} for c in cases]
     transform.set_random_state(seed)
-    dataset = CacheDataset(items, transform, cache_rate=config.cache_rate, num_workers=None, progress=False)
+    dataset = CacheDataset(
+        items, transform, cache_rate=config.cache_rate, num_workers=None, progress=False
+    )
     generator = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(
         dataset, replacement=True, num_samples=2**31 - 1, generator=generator

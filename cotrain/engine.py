@@ -38,7 +38,14 @@ from cotrain.schedules import split_labeled_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_FILE", "CHECKPOINT_FILE", "TrainCallback", "TrainState", "Trainer", "TrainingStopped"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "MODEL_FILE",
+    "TrainCallback",
+    "TrainState",
+    "Trainer",
+    "TrainingStopped",
+]
 
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,7 +144,9 @@ class Trainer:
         self.init_model = Path(init_model) if init_model else None
         self.device = torch.device(device) if device is not None else default_device()
         self.resume = resume
-        self.state = TrainState(total_epochs=config.epochs, iterations_per_epoch=config.iterations_per_epoch)
+        self.state = TrainState(
+            total_epochs=config.epochs, iterations_per_epoch=config.iterations_per_epoch
+        )
         self._stop = threading.Event()
         self._best_weights: dict[str, torch.Tensor] | None = None
 
@@ -148,13 +157,19 @@ class Trainer:
 
     def build_method(self) -> CoTrainingMethod:
         c = self.config
-        return build_method(c.method, c.views, c.spatial_dims, 1, c.num_classes, c.method_params, c.seed)
+        return build_method(
+            c.method, c.views, c.spatial_dims, 1, c.num_classes, c.method_params, c.seed
+        )
 
     def build_optimizer(self, ensemble: Ensemble) -> torch.optim.Optimizer:
         c = self.config
-        return torch.optim.AdamW(ensemble.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(
+            ensemble.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay
+        )
 
-    def build_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    def build_lr_scheduler(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         """Polynomial decay (power 0.9) over all iterations, as in nnU-Net."""
         total = self.config.epochs * self.config.iterations_per_epoch
         return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
@@ -194,11 +209,21 @@ class Trainer:
         self._emit("on_train_start")
         for epoch in range(first_epoch, c.epochs):
             self._train_epoch(epoch, labeled_batches, unlabeled_batches, start)
-            if self.validation and c.val_interval and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == c.epochs):
+            if (
+                self.validation
+                and c.val_interval
+                and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == c.epochs)
+            ):
                 self._validate()
             self.state.epoch = epoch + 1
             self.state.elapsed_s = time.monotonic() - start
-            self.state.history.append({"epoch": epoch + 1, "losses": dict(self.state.losses), "metrics": dict(self.state.metrics)})
+            self.state.history.append(
+                {
+                    "epoch": epoch + 1,
+                    "losses": dict(self.state.losses),
+                    "metrics": dict(self.state.metrics),
+                }
+            )
             self._save_checkpoint()
             self._emit("on_epoch_end")
         self._publish()
@@ -216,21 +241,43 @@ class Trainer:
         views = split_labeled_views(len(self.labeled), c.views, c.shared_fraction, seed=c.seed)
         labeled_transform = training_transforms(c, labeled=True)
         labeled_batches = [
-            infinite_batches(make_loader([self.labeled[i] for i in view], labeled_transform, c.batch_size, c, seed=c.seed + 101 * v))
+            infinite_batches(
+                make_loader(
+                    [self.labeled[i] for i in view],
+                    labeled_transform,
+                    c.batch_size,
+                    c,
+                    seed=c.seed + 101 * v,
+                )
+            )
             for v, view in enumerate(views)
         ]
         unlabeled_batches = None
         if self.method.uses_unlabeled:
             pool = self.unlabeled
             if not pool:
-                logger.warning("no unlabeled images: the labeled images are used as unlabeled data too")
+                logger.warning(
+                    "no unlabeled images: the labeled images are used as unlabeled data too"
+                )
                 pool = [{"image": case["image"]} for case in self.labeled]
             unlabeled_batches = infinite_batches(
-                make_loader(pool, training_transforms(c, labeled=False), c.unlabeled_batch_size, c, seed=c.seed + 7)
+                make_loader(
+                    pool,
+                    training_transforms(c, labeled=False),
+                    c.unlabeled_batch_size,
+                    c,
+                    seed=c.seed + 7,
+                )
             )
         logger.info(
             "training %s: %d members, %d labeled (views of %s cases), %d unlabeled, %d validation, device %s",
-            c.method, c.views, len(self.labeled), [len(v) for v in views], len(self.unlabeled), len(self.validation), self.device,
+            c.method,
+            c.views,
+            len(self.labeled),
+            [len(v) for v in views],
+            len(self.unlabeled),
+            len(self.validation),
+            self.device,
         )
         return labeled_batches, unlabeled_batches
 
@@ -238,7 +285,12 @@ class Trainer:
         labeled = []
         for batches in labeled_batches:
             data = next(batches)
-            labeled.append((data["image"].as_tensor().to(self.device), data["label"].as_tensor().to(self.device)))
+            labeled.append(
+                (
+                    data["image"].as_tensor().to(self.device),
+                    data["label"].as_tensor().to(self.device),
+                )
+            )
         unlabeled = None
         if unlabeled_batches is not None:
             unlabeled = next(unlabeled_batches)["image"].as_tensor().to(self.device)
@@ -255,7 +307,9 @@ class Trainer:
         total = sum(weights[name] * term.float() for name, term in terms.items())
         if not torch.isfinite(total):
             values = {name: float(term.detach()) for name, term in terms.items()}
-            raise FloatingPointError(f"loss is not finite at epoch {self.state.epoch + 1}, iteration {self.state.iteration}: {values}")
+            raise FloatingPointError(
+                f"loss is not finite at epoch {self.state.epoch + 1}, iteration {self.state.iteration}: {values}"
+            )
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -291,7 +345,9 @@ class Trainer:
         c = self.config
         self.ensemble.eval()
         transform = preprocessing(c, keys=("image", "label"))
-        members = [DiceMetric(include_background=False, reduction="mean_batch") for _ in range(c.views)]
+        members = [
+            DiceMetric(include_background=False, reduction="mean_batch") for _ in range(c.views)
+        ]
         vote_metric = DiceMetric(include_background=False, reduction="mean_batch")
         disagreements = []
         for case in self.validation:
@@ -309,24 +365,34 @@ class Trainer:
         vote_dice = float(np.nanmean(per_class))
         self.state.metrics = {
             "vote_dice": vote_dice,
-            "vote_dice_per_class": {name: float(v) for name, v in zip(names, per_class, strict=True)},
+            "vote_dice_per_class": {
+                name: float(v) for name, v in zip(names, per_class, strict=True)
+            },
             "member_dice": [float(np.nanmean(m.aggregate().cpu().numpy())) for m in members],
             "disagreement": float(np.mean(disagreements)),
         }
         if vote_dice > self.state.best_metric:
             self.state.best_metric = vote_dice
             self.state.best_epoch = self.state.epoch + 1
-            self._best_weights = {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()}
+            self._best_weights = {
+                k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()
+            }
         logger.info(
             "validation: vote Dice %.4f, members %s, disagreement %.5f",
-            vote_dice, [round(d, 4) for d in self.state.metrics["member_dice"]], self.state.metrics["disagreement"],
+            vote_dice,
+            [round(d, 4) for d in self.state.metrics["member_dice"]],
+            self.state.metrics["disagreement"],
         )
 
     def _model_payload(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
             "ensemble": {"spec": self.ensemble.spec, "state_dict": state_dict},
-            "metrics": {"best_metric": self.state.best_metric, "best_epoch": self.state.best_epoch, **self.state.metrics},
+            "metrics": {
+                "best_metric": self.state.best_metric,
+                "best_epoch": self.state.best_epoch,
+                **self.state.metrics,
+            },
             "epoch": self.state.epoch,
             "created": time.time(),
         }
@@ -339,7 +405,9 @@ class Trainer:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "method": self.method.state_dict(),
-                "auxiliary_optimizers": {n: o.state_dict() for n, o in self.method.auxiliary_optimizers().items()},
+                "auxiliary_optimizers": {
+                    n: o.state_dict() for n, o in self.method.auxiliary_optimizers().items()
+                },
                 "best_weights": self._best_weights,
                 "state": self.state.to_dict(),
             }
@@ -372,12 +440,21 @@ class Trainer:
                 self.method.to(self.device)
                 logger.info("warm start from %s", self.init_model)
             else:
-                logger.warning("not warm-starting from %s: its ensemble differs from this run's", self.init_model)
+                logger.warning(
+                    "not warm-starting from %s: its ensemble differs from this run's",
+                    self.init_model,
+                )
         return 0
 
     def _publish(self) -> None:
         """Write ``model.pt`` (best validated weights, or the last ones) atomically."""
-        weights = self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
+        weights = (
+            self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
+        )
         path = save_atomically(self._model_payload(weights), self.output_dir / MODEL_FILE)
-        logger.info("published %s (best vote Dice %.4f at epoch %d)", path, self.state.best_metric, self.state.best_epoch)
-
+        logger.info(
+            "published %s (best vote Dice %.4f at epoch %d)",
+            path,
+            self.state.best_metric,
+            self.state.best_epoch,
+        )

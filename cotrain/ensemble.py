@@ -91,7 +91,10 @@ def ensemble_from_payload(payload: dict[str, Any]) -> tuple[Ensemble, TrainConfi
     config = TrainConfig.from_dict(payload["config"])
     spec = payload["ensemble"]["spec"]
     ensemble = Ensemble(
-        spec["num_members"], spec["spatial_dims"], spec["in_channels"], spec["num_classes"],
+        spec["num_members"],
+        spec["spatial_dims"],
+        spec["in_channels"],
+        spec["num_classes"],
         network=spec["network"],
     )
     ensemble.load_state_dict(payload["ensemble"]["state_dict"])
@@ -107,12 +110,14 @@ class Prediction:
         uncertainty: Members' Jensen-Shannon divergence per voxel (nats), float32, same shape.
         probabilities: Soft-vote class probabilities ``(C, *spatial)``, float32.
         affine: The image's affine.
+        member_labels: Each member's own label ``(k, *spatial)``, when asked for.
     """
 
     label: np.ndarray
     uncertainty: np.ndarray
     probabilities: np.ndarray
     affine: np.ndarray
+    member_labels: np.ndarray | None = None
 
 
 class EnsemblePredictor:
@@ -124,14 +129,18 @@ class EnsemblePredictor:
         device: Where to run; CUDA when present by default.
     """
 
-    def __init__(self, ensemble: Ensemble, config: TrainConfig, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, ensemble: Ensemble, config: TrainConfig, device: str | torch.device | None = None
+    ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.ensemble = ensemble.to(self.device).eval()
         self.config = config
         self._preprocess = preprocessing(config, keys=("image",))
 
     @classmethod
-    def load(cls, model_path: str | Path, device: str | torch.device | None = None) -> EnsemblePredictor:
+    def load(
+        cls, model_path: str | Path, device: str | torch.device | None = None
+    ) -> EnsemblePredictor:
         """Load ``model.pt`` written by the training engine.
 
         Args:
@@ -139,7 +148,9 @@ class EnsemblePredictor:
             device: Where to run.
         """
         ensemble, config = ensemble_from_payload(load_file(model_path))
-        logger.info("loaded %d-member %s ensemble from %s", len(ensemble), config.method, model_path)
+        logger.info(
+            "loaded %d-member %s ensemble from %s", len(ensemble), config.method, model_path
+        )
         return cls(ensemble, config, device)
 
     @property
@@ -148,11 +159,12 @@ class EnsemblePredictor:
         return dict(self.config.labels)
 
     @torch.no_grad()
-    def predict_file(self, image_path: str | Path) -> Prediction:
+    def predict_file(self, image_path: str | Path, members: bool = False) -> Prediction:
         """Predict one image file, returning label and uncertainty in the file's own grid.
 
         Args:
-            image_path: A NIfTI (or any format MONAI's ``LoadImage`` reads) image.
+            image_path: A NIfTI image.
+            members: Also return each member's own label (for evaluation).
         """
         image_path = Path(image_path)
         data = self._preprocess({"image": str(image_path)})
@@ -162,20 +174,32 @@ class EnsemblePredictor:
             logits = member_logits_sliding_window(
                 self.ensemble, image.unsqueeze(0).to(self.device), self.config.roi_size
             )
-        vote = soft_vote(logits)[0]
-        disagreement = jensen_shannon_map(logits)[0].unsqueeze(0)
+        num_classes = logits.shape[2]
+        channels = [soft_vote(logits)[0], jensen_shannon_map(logits)[0].unsqueeze(0)]
+        if members:
+            channels.append(torch.softmax(logits[:, 0], dim=1).flatten(0, 1))
         # Probabilities and uncertainty go back through the inverse of the preprocessing.
-        stacked = MetaTensor(torch.cat([vote, disagreement]).cpu(), meta=image.meta, applied_operations=image.applied_operations)
+        stacked = MetaTensor(
+            torch.cat(channels).cpu(), meta=image.meta, applied_operations=image.applied_operations
+        )
         restored = self._preprocess.inverse({"image": stacked})["image"]
         restored = restored.as_tensor() if isinstance(restored, MetaTensor) else restored
-        probabilities = restored[:-1].numpy().astype(np.float32)
-        uncertainty = restored[-1].numpy().astype(np.float32)
+        probabilities = restored[:num_classes].numpy().astype(np.float32)
+        uncertainty = restored[num_classes].numpy().astype(np.float32)
+        member_labels = None
+        if members:
+            member_probabilities = restored[num_classes + 1 :].reshape(
+                -1, num_classes, *restored.shape[1:]
+            )
+            member_labels = member_probabilities.argmax(dim=1).numpy().astype(np.uint8)
         reference = nib.load(str(image_path))
         expected = tuple(reference.shape[: self.config.spatial_dims])
         if probabilities.shape[1:] != expected:
-            raise RuntimeError(f"restored prediction has shape {probabilities.shape[1:]}, image has {expected}")
+            raise RuntimeError(
+                f"restored prediction has shape {probabilities.shape[1:]}, image has {expected}"
+            )
         label = probabilities.argmax(axis=0).astype(np.uint8)
-        return Prediction(label, uncertainty, probabilities, reference.affine)
+        return Prediction(label, uncertainty, probabilities, reference.affine, member_labels)
 
     def mean_disagreement(self, image_path: str | Path) -> float:
         """Mean member disagreement over the image (for active learning)."""
@@ -188,5 +212,6 @@ class EnsemblePredictor:
         """Write the label (and optionally the uncertainty map) as NIfTI with the image's affine."""
         nib.save(nib.Nifti1Image(prediction.label, prediction.affine), str(label_path))
         if uncertainty_path is not None:
-            nib.save(nib.Nifti1Image(prediction.uncertainty, prediction.affine), str(uncertainty_path))
-
+            nib.save(
+                nib.Nifti1Image(prediction.uncertainty, prediction.affine), str(uncertainty_path)
+            )

@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 _EPS = 1e-8
-_dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+_dice_ce = DiceCELoss(
+    to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5
+)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,9 @@ def adversarial_diversity_loss(
     return (target * (torch.log(target + _EPS) - log_q)).sum(dim=1).mean()
 
 
-def symmetric_cross_entropy_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+def symmetric_cross_entropy_agreement(
+    logits_a: torch.Tensor, logits_b: torch.Tensor
+) -> torch.Tensor:
     """Duo-SegNet agreement loss ``L_u`` (Peiris et al. 2021, Eq. 5).
 
     ``L_u = -E[ <p_a, log p_b> + <p_b, log p_a> ]``; gradients reach both members (the
@@ -152,7 +156,9 @@ def cross_pseudo_supervision_loss(logits_a: torch.Tensor, logits_b: torch.Tensor
     return F.cross_entropy(logits_a.float(), pseudo_b) + F.cross_entropy(logits_b.float(), pseudo_a)
 
 
-def mean_teacher_consistency(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def mean_teacher_consistency(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
     """Mean Teacher consistency (Tarvainen & Valpola, 2017): MSE between softmax outputs.
 
     ``E[ sum_c (p_student - p_teacher)^2 ]``, the teacher being a detached target.

@@ -94,7 +94,9 @@ class Ensemble(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + i)
                 members.append(
-                    build_member(spatial_dims, in_channels, num_classes, **copy.deepcopy(network or {}))
+                    build_member(
+                        spatial_dims, in_channels, num_classes, **copy.deepcopy(network or {})
+                    )
                 )
         self.members = nn.ModuleList(members)
 
@@ -152,9 +154,7 @@ class Critic(nn.Module):
                 )
             )
             previous = c
-        layers.append(
-            Convolution(spatial_dims, previous, 1, kernel_size=3, conv_only=True)
-        )
+        layers.append(Convolution(spatial_dims, previous, 1, kernel_size=3, conv_only=True))
         self.net = nn.Sequential(*layers)
 
     def forward(self, image: torch.Tensor, segmentation: torch.Tensor) -> torch.Tensor:

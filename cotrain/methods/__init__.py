@@ -15,7 +15,15 @@ from cotrain.methods.supervised import Supervised
 __all__ = ["METHOD_CLASSES", "Batch", "CoTrainingMethod", "LossTerms", "build_method"]
 
 METHOD_CLASSES: dict[str, type[CoTrainingMethod]] = {
-    cls.name: cls for cls in (DCTSeg, DuoSegNet, Supervised, JensenShannonOnly, MeanTeacher, CrossPseudoSupervision)
+    cls.name: cls
+    for cls in (
+        DCTSeg,
+        DuoSegNet,
+        Supervised,
+        JensenShannonOnly,
+        MeanTeacher,
+        CrossPseudoSupervision,
+    )
 }
 
 

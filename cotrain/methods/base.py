@@ -75,7 +75,9 @@ class CoTrainingMethod(nn.Module):
     ) -> None:
         super().__init__()
         if num_members < self.min_members:
-            raise ValueError(f"{self.name} needs at least {self.min_members} members, got {num_members}")
+            raise ValueError(
+                f"{self.name} needs at least {self.min_members} members, got {num_members}"
+            )
         known = {f.name for f in dataclasses.fields(self.Params)}
         unknown = sorted(set(params or {}) - known)
         if unknown:
@@ -113,13 +115,18 @@ class CoTrainingMethod(nn.Module):
         return {}
 
     @staticmethod
-    def supervised_term(ensemble: Ensemble, batch: Batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def supervised_term(
+        ensemble: Ensemble, batch: Batch
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Sum over members of Dice+CE on each member's own labeled batch.
 
         Returns:
             The summed term and each member's logits on its labeled batch.
         """
-        logits = [member(images) for member, (images, _) in zip(ensemble.members, batch.labeled, strict=True)]
+        logits = [
+            member(images)
+            for member, (images, _) in zip(ensemble.members, batch.labeled, strict=True)
+        ]
         total = sum(
             dice_ce_loss(member_logits, targets)
             for member_logits, (_, targets) in zip(logits, batch.labeled, strict=True)

@@ -33,12 +33,16 @@ class CrossPseudoSupervision(CoTrainingMethod):
         supervised, _ = self.supervised_term(ensemble, batch)
         logits = ensemble(batch.unlabeled)
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
-        pseudo = sum(cross_pseudo_supervision_loss(logits[a], logits[b]) for a, b in pairs) / len(pairs)
+        pseudo = sum(cross_pseudo_supervision_loss(logits[a], logits[b]) for a, b in pairs) / len(
+            pairs
+        )
         return {"supervised": supervised, "pseudo_supervision": pseudo}
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params
         return {
             "supervised": 1.0,
-            "pseudo_supervision": gaussian_rampup(progress, p.lambda_cps, p.rampup_start, p.rampup_end),
+            "pseudo_supervision": gaussian_rampup(
+                progress, p.lambda_cps, p.rampup_start, p.rampup_end
+            ),
         }

@@ -66,8 +66,12 @@ class DCTSeg(CoTrainingMethod):
         supervised, labeled_logits = self.supervised_term(ensemble, batch)
         unlabeled_logits = ensemble(batch.unlabeled)
         i, j = self.pairs()
-        diversity = self._diversity_direction(ensemble, batch, i, j, labeled_logits, unlabeled_logits)
-        diversity = diversity + self._diversity_direction(ensemble, batch, j, i, labeled_logits, unlabeled_logits)
+        diversity = self._diversity_direction(
+            ensemble, batch, i, j, labeled_logits, unlabeled_logits
+        )
+        diversity = diversity + self._diversity_direction(
+            ensemble, batch, j, i, labeled_logits, unlabeled_logits
+        )
         return {
             "supervised": supervised,
             "agreement": jensen_shannon_agreement(unlabeled_logits),
@@ -87,7 +91,9 @@ class DCTSeg(CoTrainingMethod):
         p = self.params
         source_net, other_net = ensemble.members[source], ensemble.members[other]
         images, targets = batch.labeled[source]
-        labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(images.dtype)
+        labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(
+            images.dtype
+        )
         unlabeled = batch.unlabeled
         unlabeled_adv = unlabeled + vat_perturbation(
             source_net, unlabeled, p.vat_epsilon, p.vat_xi, p.vat_power_iterations

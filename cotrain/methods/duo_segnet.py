@@ -58,7 +58,10 @@ class DuoSegNet(CoTrainingMethod):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.critic = Critic(
-            self.spatial_dims, self.in_channels, self.num_classes, tuple(self.params.critic_channels)
+            self.spatial_dims,
+            self.in_channels,
+            self.num_classes,
+            tuple(self.params.critic_channels),
         )
         self.critic_optimizer = torch.optim.RMSprop(
             self.critic.parameters(), lr=self.params.critic_learning_rate
@@ -70,7 +73,8 @@ class DuoSegNet(CoTrainingMethod):
         unlabeled_logits = ensemble(batch.unlabeled)
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
         agreement = sum(
-            symmetric_cross_entropy_agreement(unlabeled_logits[a], unlabeled_logits[b]) for a, b in pairs
+            symmetric_cross_entropy_agreement(unlabeled_logits[a], unlabeled_logits[b])
+            for a, b in pairs
         ) / len(pairs)
 
         labeled_probabilities = [torch.softmax(logits.float(), dim=1) for logits in labeled_logits]
@@ -80,7 +84,9 @@ class DuoSegNet(CoTrainingMethod):
             batch.labeled, labeled_probabilities, unlabeled_probabilities, strict=True
         ):
             adversarial = adversarial + critic_adversarial_loss(self.critic(images, member_labeled))
-            adversarial = adversarial + critic_adversarial_loss(self.critic(batch.unlabeled, member_unlabeled))
+            adversarial = adversarial + critic_adversarial_loss(
+                self.critic(batch.unlabeled, member_unlabeled)
+            )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
         return {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
@@ -96,7 +102,9 @@ class DuoSegNet(CoTrainingMethod):
     def critic_loss(self, batch: Batch, member_probabilities: list[torch.Tensor]) -> torch.Tensor:
         """The critic's loss: ground truths are real, the members' labeled predictions fake."""
         total = 0.0
-        for (images, targets), probabilities in zip(batch.labeled, member_probabilities, strict=True):
+        for (images, targets), probabilities in zip(
+            batch.labeled, member_probabilities, strict=True
+        ):
             one_hot = F.one_hot(targets[:, 0].long(), self.num_classes).movedim(-1, 1).float()
             total = total + critic_discriminator_loss(
                 self.critic(images, one_hot), self.critic(images, probabilities.detach())

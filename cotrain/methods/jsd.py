@@ -30,7 +30,10 @@ class JensenShannonOnly(CoTrainingMethod):
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
-        return {"supervised": supervised, "agreement": jensen_shannon_agreement(ensemble(batch.unlabeled))}
+        return {
+            "supervised": supervised,
+            "agreement": jensen_shannon_agreement(ensemble(batch.unlabeled)),
+        }
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params

@@ -59,14 +59,18 @@ class MeanTeacher(CoTrainingMethod):
         for student, teacher in zip(ensemble.members, self.teachers, strict=True):
             with torch.no_grad():
                 teacher_logits = teacher(self._noisy(unlabeled))
-            consistency = consistency + mean_teacher_consistency(student(self._noisy(unlabeled)), teacher_logits)
+            consistency = consistency + mean_teacher_consistency(
+                student(self._noisy(unlabeled)), teacher_logits
+            )
         return {"supervised": supervised, "consistency": consistency}
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params
         return {
             "supervised": 1.0,
-            "consistency": gaussian_rampup(progress, p.lambda_consistency, p.rampup_start, p.rampup_end),
+            "consistency": gaussian_rampup(
+                progress, p.lambda_consistency, p.rampup_start, p.rampup_end
+            ),
         }
 
     @torch.no_grad()

@@ -1,0 +1,201 @@
+"""Loss terms: their values where the answer is known, and that every term's gradient reaches
+every parameter it should (both reference implementations have terms that never train)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cotrain.ensemble import soft_vote
+from cotrain.losses import (
+    adversarial_diversity_loss,
+    cross_pseudo_supervision_loss,
+    jensen_shannon_agreement,
+    jensen_shannon_map,
+    symmetric_cross_entropy_agreement,
+)
+from cotrain.methods import METHOD_CLASSES, Batch, build_method
+from cotrain.networks import Ensemble
+
+TINY = {"channels": [4, 8], "strides": [2]}
+
+
+def make_batch(k: int, seed: int = 0, size: int = 16) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    labeled = []
+    for _ in range(k):
+        image = torch.randn(2, 1, size, size, size, generator=g)
+        labeled.append((image, (image > 0.3).long()))
+    return Batch(labeled=labeled, unlabeled=torch.randn(2, 1, size, size, size, generator=g))
+
+
+def assert_gradient_reaches(module: nn.Module, what: str) -> None:
+    """Every parameter has a gradient, and every convolution kernel a non-zero one.
+
+    (Biases directly followed by instance normalisation get an exactly cancelled gradient by
+    construction, so the kernels are the parameters that must move.)
+    """
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None, f"{what}: no gradient reaches {name}"
+        if parameter.dim() > 1:
+            assert parameter.grad.abs().sum() > 0, f"{what}: zero gradient at {name}"
+
+
+def zero_grads(*modules: nn.Module) -> None:
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+
+
+def test_jsd_is_zero_for_identical_members_and_positive_otherwise() -> None:
+    logits = torch.randn(1, 2, 3, 8, 8, 8)
+    identical = logits.expand(3, -1, -1, -1, -1, -1)
+    assert jensen_shannon_agreement(identical).item() == pytest.approx(0.0, abs=1e-6)
+    different = torch.randn(3, 2, 3, 8, 8, 8)
+    value = jensen_shannon_agreement(different).item()
+    assert 0.0 < value <= math.log(3)
+
+
+def test_jsd_reaches_log_k_for_confident_disjoint_members() -> None:
+    logits = torch.full((2, 1, 2, 4, 4, 4), -30.0)
+    logits[0, :, 0] = 30.0  # member 0 certain of class 0
+    logits[1, :, 1] = 30.0  # member 1 certain of class 1
+    assert jensen_shannon_map(logits).mean().item() == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_soft_vote_is_mean_of_member_softmax() -> None:
+    logits = torch.randn(3, 2, 4, 6, 6, 6)
+    expected = (
+        torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1) + torch.softmax(logits[2], 1)
+    ) / 3
+    torch.testing.assert_close(soft_vote(logits), expected)
+    assert torch.allclose(soft_vote(logits).sum(dim=1), torch.ones(2, 6, 6, 6))
+
+
+def test_symmetric_cross_entropy_is_smallest_for_agreeing_confident_members() -> None:
+    confident = torch.zeros(1, 2, 4, 4, 4)
+    confident[:, 1] = 20.0
+    other = torch.zeros(1, 2, 4, 4, 4)
+    other[:, 0] = 20.0
+    agree = symmetric_cross_entropy_agreement(confident, confident).item()
+    disagree = symmetric_cross_entropy_agreement(confident, other).item()
+    assert agree == pytest.approx(0.0, abs=1e-4)
+    assert disagree > 10.0
+
+
+def test_diversity_loss_is_zero_when_other_matches_source_and_only_other_learns() -> None:
+    source = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    other = source.detach().clone().requires_grad_(True)
+    assert adversarial_diversity_loss(source, other).item() == pytest.approx(0.0, abs=1e-5)
+    loss = adversarial_diversity_loss(source, torch.randn(2, 3, 4, 4, 4) + other)
+    loss.backward()
+    assert source.grad is None  # the source's prediction is a detached target
+    assert other.grad.abs().sum() > 0
+
+
+def test_cross_pseudo_supervision_uses_argmax_targets() -> None:
+    a = torch.randn(2, 3, 4, 4, 4)
+    assert cross_pseudo_supervision_loss(a, a).item() == pytest.approx(
+        2 * torch.nn.functional.cross_entropy(a, a.argmax(1)).item(), rel=1e-5
+    )
+
+
+# Which members each term of each method must reach (k = 2: all members everywhere).
+TERMS = {
+    "supervised": ["supervised"],
+    "jsd": ["supervised", "agreement"],
+    "dct_seg": ["supervised", "agreement", "diversity"],
+    "duo_segnet": ["supervised", "agreement", "adversarial"],
+    "cps": ["supervised", "pseudo_supervision"],
+    "mean_teacher": ["supervised", "consistency"],
+}
+
+
+@pytest.mark.parametrize("method_name", sorted(TERMS))
+def test_every_loss_term_sends_gradient_to_every_member(method_name: str) -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    method = build_method(method_name, 2, 3, 1, 2)
+    method.attach(ensemble)
+    batch = make_batch(2)
+    terms = method.loss_terms(ensemble, batch)
+    assert sorted(terms) == sorted(TERMS[method_name])
+    for name, term in terms.items():
+        zero_grads(ensemble, method)
+        term.backward(retain_graph=True)
+        for i, member in enumerate(ensemble.members):
+            assert_gradient_reaches(member, f"{method_name}.{name} -> member {i}")
+        assert term.item() > 0
+
+
+def test_dct_seg_diversity_updates_only_the_sampled_pair() -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(3, 3, 1, 2, network=TINY)
+    method = build_method("dct_seg", 3, 3, 1, 2)
+    seen = set()
+    for _ in range(2):  # ceil(3/2) = 2 draws cover every member
+        expected_pair = method.pairs._queue[0] if method.pairs._queue else None
+        zero_grads(ensemble)
+        terms = method.loss_terms(ensemble, make_batch(3))
+        terms["diversity"].backward()
+        reached = {
+            i
+            for i, m in enumerate(ensemble.members)
+            if any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        }
+        assert len(reached) == 2
+        if expected_pair is not None:
+            assert reached == set(expected_pair)
+        seen |= reached
+    assert seen == {0, 1, 2}
+
+
+def test_duo_segnet_critic_gets_gradients_from_its_own_loss_and_members_from_theirs() -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    method = build_method("duo_segnet", 2, 3, 1, 2)
+    batch = make_batch(2)
+    terms = method.loss_terms(ensemble, batch)
+    # The members' adversarial term reaches the members through the critic.
+    zero_grads(ensemble, method)
+    terms["adversarial"].backward()
+    for i, member in enumerate(ensemble.members):
+        assert_gradient_reaches(member, f"adversarial -> member {i}")
+    # The critic's own loss reaches every critic parameter, and no member.
+    zero_grads(ensemble, method)
+    before = [p.detach().clone() for p in method.critic.parameters()]
+    critic_loss = method.critic_loss(batch, method._labeled_probabilities)
+    critic_loss.backward()
+    assert_gradient_reaches(method.critic, "critic loss -> critic")
+    assert all(p.grad is None for p in ensemble.parameters())
+    # And its step changes the critic.
+    method.critic_optimizer.step()
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, method.critic.parameters(), strict=True)
+    )
+
+
+def test_mean_teacher_follows_students_by_ema() -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(1, 3, 1, 2, network=TINY)
+    method = build_method("mean_teacher", 1, 3, 1, 2, params={"ema_decay": 0.5})
+    method.attach(ensemble)
+    student = next(ensemble.members[0].parameters())
+    teacher = next(method.teachers[0].parameters())
+    with torch.no_grad():
+        student.add_(1.0)
+    old_teacher = teacher.detach().clone()
+    method.after_member_step(ensemble, make_batch(1))
+    torch.testing.assert_close(teacher, 0.5 * old_teacher + 0.5 * student.detach())
+    assert not teacher.requires_grad
+
+
+def test_unknown_method_parameter_is_named() -> None:
+    with pytest.raises(ValueError, match="lambda_typo"):
+        build_method("dct_seg", 2, 3, 1, 2, params={"lambda_typo": 1.0})
+
+
+def test_all_methods_are_registered() -> None:
+    assert set(METHOD_CLASSES) == set(TERMS)
