@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cotrain.config import METHODS, TrainConfig
 from cotrain.data import list_msd_cases, read_case_list
+from cotrain.distributed import init_from_environment, is_main_process, shutdown
 from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
 from cotrain.ensemble import EnsemblePredictor
 from cotrain.metrics import dice_and_hd95
@@ -57,12 +58,13 @@ class ProgressBar(TrainCallback):
 
     def on_epoch_end(self, state: TrainState) -> None:
         terms = ", ".join(f"{k} {v:.4g}" for k, v in state.losses.items())
-        tqdm.write(f"epoch {state.epoch}/{state.total_epochs}: {terms}")
+        tqdm.write(f"epoch {state.epoch}/{state.total_epochs}: {terms}", file=sys.stderr)
         if state.metrics:
             m = state.metrics
             tqdm.write(
                 f"  validation: vote Dice {m['vote_dice']:.4f}, members {[round(d, 4) for d in m['member_dice']]}, "
-                f"disagreement {m['disagreement']:.5f}"
+                f"disagreement {m['disagreement']:.5f}",
+                file=sys.stderr,
             )
 
     def on_train_end(self, state: TrainState) -> None:
@@ -148,6 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    device = init_from_environment(args.device) or args.device
     trainer = Trainer(
         config,
         labeled,
@@ -156,10 +159,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation=validation,
         callbacks=[ProgressBar()],
         init_model=args.init_model,
-        device=args.device,
+        device=device,
         resume=args.resume,
     )
-    state = trainer.fit()
+    reports = is_main_process()  # read before leaving the process group
+    try:
+        state = trainer.fit()
+    finally:
+        shutdown()
+    if not reports:
+        return 0
     print(
         json.dumps(
             {
@@ -250,9 +259,13 @@ def cmd_studies(args: argparse.Namespace) -> int:
     from cotrain import studies
 
     if args.studies_command == "demo":
-        written = studies.write_demo_studies(
-            args.output, num_images=args.images, num_labeled=args.labeled, seed=args.seed
-        )
+        try:
+            written = studies.write_demo_studies(
+                args.output, num_images=args.images, num_labeled=args.labeled, seed=args.seed
+            )
+        except FileExistsError:  # README's run command is meant to be run again
+            logger.info("%s already holds studies; keeping them", args.output)
+            return 0
     else:
         written = studies.import_msd_studies(args.data, args.output, num_labeled=args.labeled)
     print(json.dumps({"studies": str(args.output), "result": written}, indent=2, default=str))
@@ -353,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         logger.error("%s", error)
         return 2
 

@@ -30,6 +30,12 @@ from monai.utils import set_determinism
 from cotrain.checkpoint import load_file, save_atomically
 from cotrain.config import TrainConfig
 from cotrain.data import infinite_batches, make_loader, preprocessing, training_transforms
+from cotrain.distributed import (
+    all_reduce_gradients,
+    check_replicas_identical,
+    is_main_process,
+    rank,
+)
 from cotrain.ensemble import default_device, member_logits_sliding_window, soft_vote
 from cotrain.losses import jensen_shannon_map
 from cotrain.methods import Batch, CoTrainingMethod, build_method
@@ -199,6 +205,7 @@ class Trainer:
         self.method = self.build_method()
         self.method.attach(self.ensemble)
         self.method.to(self.device)
+        self.method.reduce_gradients = all_reduce_gradients
         self.optimizer = self.build_optimizer(self.ensemble)
         self.lr_scheduler = self.build_lr_scheduler(self.optimizer)
         self.use_amp = self.device.type == "cuda" and c.amp
@@ -210,7 +217,8 @@ class Trainer:
         for epoch in range(first_epoch, c.epochs):
             self._train_epoch(epoch, labeled_batches, unlabeled_batches, start)
             if (
-                self.validation
+                is_main_process()
+                and self.validation
                 and c.val_interval
                 and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == c.epochs)
             ):
@@ -224,15 +232,20 @@ class Trainer:
                     "metrics": dict(self.state.metrics),
                 }
             )
-            self._save_checkpoint()
+            if is_main_process():
+                self._save_checkpoint()
             self._emit("on_epoch_end")
-        self._publish()
+        check_replicas_identical(self.ensemble)
+        if is_main_process():
+            self._publish()
         self.state.elapsed_s = time.monotonic() - start
         self._emit("on_train_end")
         return self.state
 
     # ----------------------------------------------------------------- internals
     def _emit(self, event: str) -> None:
+        if not is_main_process():
+            return
         for callback in self.callbacks:
             getattr(callback, event)(self.state)
 
@@ -247,7 +260,7 @@ class Trainer:
                     labeled_transform,
                     c.batch_size,
                     c,
-                    seed=c.seed + 101 * v,
+                    seed=c.seed + 101 * v + 1000 * rank(),
                 )
             )
             for v, view in enumerate(views)
@@ -266,7 +279,7 @@ class Trainer:
                     training_transforms(c, labeled=False),
                     c.unlabeled_batch_size,
                     c,
-                    seed=c.seed + 7,
+                    seed=c.seed + 7 + 1000 * rank(),
                 )
             )
         logger.info(
@@ -311,6 +324,7 @@ class Trainer:
                 f"loss is not finite at epoch {self.state.epoch + 1}, iteration {self.state.iteration}: {values}"
             )
         self.scaler.scale(total).backward()
+        all_reduce_gradients(self.ensemble)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()

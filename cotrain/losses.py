@@ -65,7 +65,8 @@ def jensen_shannon_map(member_logits: torch.Tensor) -> torch.Tensor:
         ``(B, *spatial)`` in nats.
     """
     p = torch.softmax(member_logits.float(), dim=2)
-    return entropy(p.mean(dim=0), dim=1) - entropy(p, dim=2).mean(dim=0)
+    divergence = entropy(p.mean(dim=0), dim=1) - entropy(p, dim=2).mean(dim=0)
+    return divergence.clamp_min(0.0)  # rounding can leave -1e-8 where members agree
 
 
 def jensen_shannon_agreement(member_logits: torch.Tensor) -> torch.Tensor:

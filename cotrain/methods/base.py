@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -90,6 +91,8 @@ class CoTrainingMethod(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.seed = seed
+        #: Averages a module's gradients over processes; the engine sets it when distributed.
+        self.reduce_gradients: Callable[[nn.Module], None] = lambda module: None
 
     def attach(self, ensemble: Ensemble) -> None:
         """Hook called once the ensemble exists (before a checkpoint is loaded into the method)."""

@@ -116,6 +116,7 @@ class DuoSegNet(CoTrainingMethod):
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss = self.critic_loss(batch, self._labeled_probabilities)
         loss.backward()
+        self.reduce_gradients(self.critic)
         self.critic_optimizer.step()
         self._labeled_probabilities = []
         return {"critic": float(loss.detach())}

@@ -1,0 +1,1 @@
+"""The co-training MONAI Label app's library: task configs, trainer, infer, scoring, strategy."""

@@ -1,0 +1,101 @@
+"""Active learning: the unlabeled image the ensemble members disagree on most."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.scoring.disagreement import SCORE_KEY_PREFIX
+
+logger = logging.getLogger(__name__)
+
+
+def image_score(info: dict[str, Any]) -> float | None:
+    """Mean of the disagreement scores of all models stored in an image's info (``None``:
+    not scored yet)."""
+    scores = [
+        float(v["score"])
+        for k, v in info.items()
+        if k.startswith(SCORE_KEY_PREFIX) and isinstance(v, dict) and v.get("score") is not None
+    ]
+    return sum(scores) / len(scores) if scores else None
+
+
+def last_served(info: dict[str, Any]) -> tuple[float, Any]:
+    """When and to whom an image was last served by any strategy: ``(ts, client_id)``.
+
+    MONAI Label's ``/activelearning`` endpoint records ``{"ts", "client_id"}`` per strategy
+    under ``info["strategy"]``.
+    """
+    latest: tuple[float, Any] = (0.0, None)
+    for entry in (info.get("strategy") or {}).values():
+        if isinstance(entry, dict) and float(entry.get("ts", 0)) > latest[0]:
+            latest = (float(entry.get("ts", 0)), entry.get("client_id"))
+    return latest
+
+
+class Disagreement(Strategy):
+    """Pick the unlabeled image with the highest ensemble disagreement.
+
+    Images served (by any strategy) to *another* client within ``served_timeout_s`` are
+    skipped, so two annotators do not get the same image; a request without ``client_id``
+    counts as a different client each time. If every unlabeled image was served that
+    recently, the one served longest ago is returned. Images not scored yet (no model, or
+    added since the last scoring) come after scored ones, in id order.
+
+    Request params (optional): ``client_id``, ``served_timeout_s``.
+
+    Args:
+        served_timeout_s: How long a served image stays reserved for its client.
+    """
+
+    def __init__(self, served_timeout_s: float = 600.0) -> None:
+        super().__init__("Most uncertain unlabeled image (ensemble members' disagreement)")
+        self.served_timeout_s = served_timeout_s
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        """Select the next image to annotate.
+
+        Returns:
+            ``{"id": image_id, "disagreement": score or None}``, or ``None`` if every image
+            is labeled.
+        """
+        # Scores are written by a scoring subprocess; pick up its changes of the datastore.
+        datastore.refresh()
+        images = sorted(datastore.get_unlabeled_images())
+        if not images:
+            return None
+        client_id = request.get("client_id")
+        timeout = float(request.get("served_timeout_s", self.served_timeout_s))
+        now = time.time()
+
+        infos = {image: datastore.get_image_info(image) for image in images}
+        served = {image: last_served(info) for image, info in infos.items()}
+        free = [
+            image
+            for image in images
+            if not (
+                now - served[image][0] < timeout
+                and (client_id is None or served[image][1] != client_id)
+            )
+        ]
+        if not free:
+            image = min(images, key=lambda i: served[i][0])
+            logger.info("disagreement: every unlabeled image is reserved; oldest served: %s", image)
+            return {"id": image, "disagreement": image_score(infos[image])}
+
+        scores = {image: image_score(infos[image]) for image in free}
+        # Highest score first; unscored images last; ties by id.
+        image = min(free, key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
+        logger.info(
+            "disagreement: selected %s (score %s; %d candidates, %d scored)",
+            image,
+            scores[image],
+            len(free),
+            sum(s is not None for s in scores.values()),
+        )
+        return {"id": image, "disagreement": scores[image]}

@@ -1,0 +1,283 @@
+"""Shared parsing of ``--conf`` strings and the task config every co-training model uses.
+
+``monailabel start_server ... --conf KEY VALUE`` hands the app strings. Any
+:class:`cotrain.config.TrainConfig` setting may be given (``labels``, ``views``, ``roi_size``,
+``target_spacing``, ``intensity``, ``epochs``, ``iterations_per_epoch``, ``batch_size``,
+``learning_rate``, ``network``, ``method_params``, ...), plus the app's own settings
+``auto_train``, ``min_labels``, ``val_split`` and ``val_min_labels``. A key prefixed with a
+model name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+
+from cotrain.config import TrainConfig
+from lib.activelearning import Disagreement
+from lib.infers import EnsembleInfer
+from lib.scoring import EnsembleDisagreement
+from lib.trainers import CoTrainTask
+
+logger = logging.getLogger(__name__)
+
+#: Labels when ``--conf labels`` is not given.
+DEFAULT_LABELS: dict[str, int] = {"organ": 1}
+
+
+def parse_bool(value: str | bool) -> bool:
+    """Parse ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case).
+
+    Raises:
+        ValueError: For anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1", "y", "t"):
+        return True
+    if text in ("false", "no", "off", "0", "n", "f"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_json_or_list(value: str) -> Any:
+    """JSON if it parses, else a comma separated list of the stripped parts."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return [part.strip() for part in value.strip("[]()").split(",") if part.strip()]
+
+
+def parse_labels(value: str) -> dict[str, int]:
+    """Parse labels: a JSON object ``{"name": value}``, or names (JSON list or ``a,b``) that get
+    the values 1, 2, ... in order."""
+    parsed = _parse_json_or_list(value)
+    if isinstance(parsed, str):
+        parsed = [parsed]
+    if isinstance(parsed, dict):
+        return {str(k): int(v) for k, v in parsed.items()}
+    if isinstance(parsed, list):
+        return {str(name): i for i, name in enumerate(parsed, start=1)}
+    raise ValueError(
+        f"labels must be a JSON object name -> value or a list of names, got {value!r}"
+    )
+
+
+def parse_size(value: str) -> tuple[int, ...]:
+    """Parse a size: ``[96,96,64]``, ``96,96,64`` or one number for every axis of a 3D ROI."""
+    parsed = _parse_json_or_list(value)
+    if isinstance(parsed, int | float):
+        return (int(parsed),) * 3
+    return tuple(int(float(v)) for v in parsed)
+
+
+def parse_spacing(value: str) -> tuple[float, ...] | None:
+    """Parse a voxel spacing like :func:`parse_size`; ``none``, ``null`` or empty keep the grid."""
+    if value.strip().lower() in ("", "none", "null", "original"):
+        return None
+    parsed = _parse_json_or_list(value)
+    if parsed is None:
+        return None
+    if isinstance(parsed, int | float):
+        return (float(parsed),) * 3
+    return tuple(float(v) for v in parsed)
+
+
+def _parse_json(value: str) -> Any:
+    return json.loads(value)
+
+
+#: How each TrainConfig setting is read from its ``--conf`` string.
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "labels": parse_labels,
+    "roi_size": parse_size,
+    "target_spacing": parse_spacing,
+    "network": _parse_json,
+    "method_params": _parse_json,
+    "amp": parse_bool,
+}
+#: TrainConfig settings a server does not take from ``--conf`` (each task config sets it).
+_NOT_FROM_CONF = {"method"}
+
+
+def _parser_for(field: dataclasses.Field) -> Callable[[str], Any]:
+    """The parser of a TrainConfig field: by name, else by the type of its default."""
+    if field.name in _PARSERS:
+        return _PARSERS[field.name]
+    default = field.default
+    if isinstance(default, bool):
+        return parse_bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, str):
+        return str
+    return _parse_json
+
+
+@dataclass
+class ModelSettings:
+    """Everything one served model takes from ``--conf``.
+
+    Attributes:
+        train_config: The training configuration (method, labels, ROI, epochs, ...).
+        auto_train: Start training when a final label is saved.
+        min_labels: Final labels needed before an automatic training starts.
+        val_split: Fraction of the labeled images held out for validation...
+        val_min_labels: ...once at least this many labels exist (else no validation).
+    """
+
+    train_config: TrainConfig
+    auto_train: bool = True
+    min_labels: int = 2
+    val_split: float = 0.2
+    val_min_labels: int = 5
+
+
+def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
+    """The value of ``key`` for model ``name``: ``name.key`` first, then ``key``."""
+    for k in (f"{name}.{key}", key):
+        if k in conf and conf[k] is not None:
+            return str(conf[k])
+    return None
+
+
+def parse_model_settings(
+    conf: Mapping[str, str],
+    name: str,
+    method: str,
+    defaults: Mapping[str, Any] | None = None,
+) -> ModelSettings:
+    """Read one model's settings from the server's ``--conf`` strings.
+
+    Args:
+        conf: The ``--conf`` key/value strings.
+        name: The model's name (for ``name.key`` overrides).
+        method: The co-training method of this model.
+        defaults: TrainConfig values of this model used when ``conf`` does not set them.
+
+    Returns:
+        The model's settings.
+
+    Raises:
+        ValueError: Naming the setting whose value is wrong.
+    """
+    values: dict[str, Any] = {"labels": dict(DEFAULT_LABELS), **(defaults or {})}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in _NOT_FROM_CONF:
+            continue
+        raw = conf_value(conf, name, field.name)
+        if raw is None:
+            continue
+        try:
+            values[field.name] = _parser_for(field)(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--conf {field.name} {raw!r}: {e}") from e
+    values["method"] = method
+    train_config = TrainConfig.from_dict(values)
+
+    app: dict[str, Any] = {}
+    for key, parse in (
+        ("auto_train", parse_bool),
+        ("min_labels", int),
+        ("val_split", float),
+        ("val_min_labels", int),
+    ):
+        raw = conf_value(conf, name, key)
+        if raw is not None:
+            try:
+                app[key] = parse(raw)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"--conf {key} {raw!r}: {e}") from e
+    settings = ModelSettings(train_config=train_config, **app)
+    if settings.min_labels < 1:
+        raise ValueError(f"--conf min_labels must be >= 1, got {settings.min_labels}")
+    if not 0.0 <= settings.val_split < 1.0:
+        raise ValueError(f"--conf val_split must be in [0, 1), got {settings.val_split}")
+    return settings
+
+
+class CoTrainTaskConfig(TaskConfig):
+    """A served co-training model: one ensemble, its trainer, scoring and strategy.
+
+    Subclasses set :attr:`method` (and may set :attr:`defaults` and :attr:`summary`).
+    The served ensemble is ``MODEL_DIR/NAME.pt``; runs and train stats live in
+    ``MODEL_DIR/NAME/``.
+    """
+
+    #: Co-training method (a :data:`cotrain.config.METHODS` name).
+    method: ClassVar[str] = ""
+    #: One line describing the model in ``/info``.
+    summary: ClassVar[str] = ""
+    #: TrainConfig values of this method used when ``--conf`` does not set them.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def init(
+        self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any
+    ) -> None:
+        """Read the model's settings from ``conf`` (see :func:`parse_model_settings`)."""
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = parse_model_settings(conf, name, self.method, self.defaults)
+        self.labels = dict(self.settings.train_config.labels)
+        self.path = os.path.join(model_dir, f"{name}.pt")
+        self.work_dir = os.path.join(model_dir, name)
+        c = self.settings.train_config
+        logger.info(
+            "+++ %s: %s with %d members, labels %s, roi %s, %d epochs; auto_train=%s min_labels=%d",
+            name,
+            c.method,
+            c.views,
+            self.labels,
+            c.roi_size,
+            c.epochs,
+            self.settings.auto_train,
+            self.settings.min_labels,
+        )
+
+    @property
+    def description(self) -> str:
+        """``/info`` description of the model."""
+        c = self.settings.train_config
+        return f"{self.summary} ({c.views} members, soft voting)"
+
+    def infer(self) -> InferTask | dict[str, InferTask]:
+        """The ensemble's soft-voting segmentation."""
+        return EnsembleInfer(
+            path=self.path,
+            labels=self.labels,
+            dimension=self.settings.train_config.spatial_dims,
+            description=self.description,
+        )
+
+    def trainer(self) -> TrainTask | None:
+        """Co-training on the final labels plus every unlabeled image."""
+        return CoTrainTask(
+            name=self.name,
+            model_path=self.path,
+            work_dir=self.work_dir,
+            train_config=self.settings.train_config,
+            val_split=self.settings.val_split,
+            val_min_labels=self.settings.val_min_labels,
+            description=f"Co-train {self.description}",
+        )
+
+    def strategy(self) -> Strategy | dict[str, Strategy] | None:
+        """Next sample: the unlabeled image the members disagree on most."""
+        return {"disagreement": Disagreement()}
+
+    def scoring_method(self) -> ScoringMethod | dict[str, ScoringMethod] | None:
+        """Store the members' mean disagreement on each unlabeled image."""
+        return {f"disagreement_{self.name}": EnsembleDisagreement(self.name, self.path)}

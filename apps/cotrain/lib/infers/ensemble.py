@@ -1,0 +1,155 @@
+"""Infer task: the soft vote of every ensemble member, returned on the image's own grid."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import name_to_device
+
+from cotrain.ensemble import EnsemblePredictor
+
+logger = logging.getLogger(__name__)
+
+
+def _is_true(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+def _temp_nifti() -> str:
+    """A new empty temporary ``.nii.gz`` file (the caller removes it)."""
+    fd, path = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(fd)
+    return path
+
+
+class EnsembleInfer(InferTask):
+    """Segment an image by soft voting of all members of the served ensemble.
+
+    The served model file is checked on every request; a newly published ensemble (another
+    modification time, size or inode) is loaded without a restart. Before any model was
+    published, a request fails with HTTP 503 and a message saying so.
+
+    Request params (optional): ``uncertainty`` (true: also compute the members' per-voxel
+    disagreement; the app stores it in the datastore under the label tag ``uncertainty``),
+    ``device``.
+
+    Args:
+        path: The served ensemble file (``model.pt`` format of the library).
+        labels: Label names to values.
+        dimension: Spatial dimensions of the model.
+        description: ``/info`` description.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        labels: dict[str, int],
+        dimension: int = 3,
+        description: str = "Co-trained ensemble, soft voting",
+    ) -> None:
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=dict(labels),
+            dimension=dimension,
+            description=description,
+            config={"uncertainty": False},
+        )
+        self.path = path
+        self._lock = threading.Lock()
+        self._predictor: EnsemblePredictor | None = None
+        self._loaded_key: tuple[int, int, int, str] | None = None
+
+    def is_valid(self) -> bool:
+        """Always listed in ``/info``: the model exists as soon as training publishes it."""
+        return True
+
+    def get_path(self, validate: bool = True) -> str | None:
+        """The served model file (``None`` if ``validate`` and it does not exist yet)."""
+        return self.path if not validate or os.path.exists(self.path) else None
+
+    def predictor(self, device: str) -> tuple[EnsemblePredictor, int]:
+        """The predictor of the current model file, reloaded if the file changed.
+
+        Returns:
+            The predictor and the modification time (ns) of the file it was loaded from.
+
+        Raises:
+            HTTPException: 503 if no model has been published yet.
+        """
+        with self._lock:
+            try:
+                s = os.stat(self.path)
+            except FileNotFoundError:
+                raise HTTPException(
+                    status_code=503,
+                    detail=(
+                        f"Model '{os.path.basename(self.path)}' is not trained yet: no ensemble "
+                        "has been published. Submit final labels (training starts automatically "
+                        "once enough are saved) or start training, then retry."
+                    ),
+                ) from None
+            key = (s.st_mtime_ns, s.st_size, s.st_ino, device)
+            if self._predictor is None or key != self._loaded_key:
+                logger.info("loading ensemble %s on %s", self.path, device)
+                self._predictor = EnsemblePredictor.load(self.path, device=device)
+                self._loaded_key = key
+            return self._predictor, key[0]
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """Predict ``request["image"]`` (a file path) and write the label as NIfTI.
+
+        Returns:
+            The label file (deleted by the server after sending) and the result params:
+            ``label_names``, ``model`` (served file and its modification time, which changes
+            with every publish), ``latencies`` and, on request,
+            ``uncertainty`` (``file``, ``mean``, ``max``).
+        """
+        start = time.time()
+        image = request.get("image")
+        if not isinstance(image, str) or not os.path.exists(image):
+            raise HTTPException(status_code=400, detail=f"image not found: {image!r}")
+        predictor, mtime_ns = self.predictor(name_to_device(request.get("device")))
+        loaded = time.time()
+
+        prediction = predictor.predict_file(image)
+        predicted = time.time()
+
+        label_file = _temp_nifti()
+        uncertainty_file = None
+        if _is_true(request.get("uncertainty", False)):
+            uncertainty_file = _temp_nifti()
+        predictor.write_prediction(prediction, label_file, uncertainty_file)
+        end = time.time()
+
+        result: dict[str, Any] = {
+            "label_names": predictor.labels,
+            "model": {
+                "name": os.path.basename(self.path),
+                "modified_time": mtime_ns // 1_000_000_000,
+                "mtime_ns": mtime_ns,
+            },
+            "latencies": {
+                "pre": round(loaded - start, 3),
+                "infer": round(predicted - loaded, 3),
+                "invert": 0.0,
+                "post": 0.0,
+                "write": round(end - predicted, 3),
+                "total": round(end - start, 3),
+                "transform": None,
+            },
+        }
+        if uncertainty_file:
+            result["uncertainty"] = {
+                "file": uncertainty_file,
+                "mean": float(prediction.uncertainty.mean()),
+                "max": float(prediction.uncertainty.max()),
+            }
+        logger.info("inferred %s in %.2fs", image, end - start)
+        return label_file, result

@@ -1,0 +1,7 @@
+"""Scoring methods."""
+
+from __future__ import annotations
+
+from lib.scoring.disagreement import EnsembleDisagreement
+
+__all__ = ["EnsembleDisagreement"]

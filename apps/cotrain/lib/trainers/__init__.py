@@ -1,0 +1,7 @@
+"""Train tasks."""
+
+from __future__ import annotations
+
+from lib.trainers.co_training import CoTrainTask
+
+__all__ = ["CoTrainTask"]

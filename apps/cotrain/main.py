@@ -1,0 +1,181 @@
+"""MONAI Label app serving semi-supervised co-trained ensembles (DCT-Seg, Duo-SegNet).
+
+Start it with::
+
+    monailabel start_server --app apps/cotrain --studies STUDIES --conf models dct_seg
+
+``--conf models`` takes ``dct_seg``, ``duo_segnet``, a comma separated list or ``all``. The
+other ``--conf`` settings are described in ``lib/configs/common.py`` (labels, views,
+roi_size, target_spacing, intensity, epochs, auto_train, min_labels, ...).
+
+The app wires MONAI Label to the ``cotrain`` library: each model is an ensemble trained on the
+submitted (final) labels plus every unlabeled image, served by soft voting; saving a final
+label starts a training run (coalescing submits that arrive meanwhile); the ``disagreement``
+strategy proposes the unlabeled image the members disagree on most.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import monailabel
+from lib.configs import CONFIGS, CoTrainTaskConfig
+from lib.scheduler import TrainScheduler
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import remove_file
+
+logger = logging.getLogger(__name__)
+
+#: Datastore label tag under which requested uncertainty maps are stored.
+UNCERTAINTY_TAG = "uncertainty"
+
+
+def select_models(conf: dict[str, str]) -> list[str]:
+    """The model names ``--conf models`` asks for, in :data:`CONFIGS` order.
+
+    Raises:
+        ValueError: If ``models`` is missing or names an unknown model.
+    """
+    available = ", ".join(["all", *CONFIGS])
+    value = conf.get("models", "")
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"provide --conf models NAME; available: {available}")
+    invalid = [n for n in names if n != "all" and n not in CONFIGS]
+    if invalid:
+        raise ValueError(f"unknown model(s) {invalid} in --conf models; available: {available}")
+    return [n for n in CONFIGS if "all" in names or n in names]
+
+
+class CoTrainApp(MONAILabelApp):
+    """Co-training ensembles served through MONAI Label.
+
+    Args:
+        app_dir: This app's folder (models go to ``app_dir/model``).
+        studies: The studies folder (or datastore URL).
+        conf: ``--conf`` key/value strings.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.model_dir = os.path.join(app_dir, "model")
+        self.models: dict[str, CoTrainTaskConfig] = {}
+        for name in select_models(conf):
+            config = CONFIGS[name]()
+            config.init(name, self.model_dir, conf, None)
+            self.models[name] = config
+        logger.info("+++ Using models: %s", list(self.models))
+
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"MONAILabel - Co-training ({monailabel.__version__})",
+            description="Semi-supervised co-trained ensembles (DCT-Seg, Duo-SegNet), soft voting",
+            version=monailabel.__version__,
+        )
+        self.scheduler = TrainScheduler(
+            submit=lambda model: self.async_training(model, enqueue=True)
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        """One soft-voting infer task per model."""
+        infers: dict[str, InferTask] = {}
+        for name, config in self.models.items():
+            task = config.infer()
+            infers.update(task if isinstance(task, dict) else {name: task})
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        """One co-training task per model."""
+        trainers: dict[str, TrainTask] = {}
+        for name, config in self.models.items():
+            task = config.trainer()
+            if task is not None:
+                trainers[name] = task
+        return trainers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        """``disagreement`` plus MONAI Label's ``random`` and ``first``."""
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for config in self.models.values():
+            strategy = config.strategy()
+            if isinstance(strategy, dict):
+                strategies.update(strategy)
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        """One disagreement scoring method per model."""
+        methods: dict[str, ScoringMethod] = {}
+        for config in self.models.values():
+            method = config.scoring_method()
+            if isinstance(method, dict):
+                methods.update(method)
+        return methods
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        """Start (or coalesce) a training run of every model once enough final labels exist.
+
+        Returns:
+            Merged into the save-label response: ``{"train": {model: outcome}, "labeled": n}``
+            with outcome ``started``, ``queued``, ``coalesced`` or why nothing was started.
+        """
+        super().on_save_label(image_id, label_id)
+        datastore = self.datastore()
+        if not datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL):
+            return {}
+        labeled = len(datastore.get_labeled_images())
+        outcome: dict[str, str] = {}
+        wanted: list[str] = []
+        for name, config in self.models.items():
+            if name not in self._trainers:
+                continue
+            if not config.settings.auto_train:
+                outcome[name] = "auto_train is off"
+            elif labeled < config.settings.min_labels:
+                outcome[name] = f"waiting for labels ({labeled}/{config.settings.min_labels})"
+            else:
+                wanted.append(name)
+        outcome.update(self.scheduler.request(wanted))
+        return {"train": outcome, "labeled": labeled}
+
+    def async_scoring(self, method: str | None, params: dict[str, Any] | None = None) -> Any:
+        """Run scoring methods in the background.
+
+        In the server this is MONAI Label's own (queued). Outside it, i.e. in a train
+        subprocess right after a model was published, MONAI Label would call
+        ``POST /scoring/METHOD``, which the server refuses while any scoring runs, and the
+        new model's scores would be lost; ``POST /scoring/`` queues every method instead.
+        """
+        if self._server_mode or not self._scoring_methods:
+            return super().async_scoring(method, params)
+        return self._local_request("/scoring/", params, "Scoring")
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Run an infer task; a requested uncertainty map goes into the datastore.
+
+        With ``{"uncertainty": true}`` the map is saved for a datastore image under the label
+        tag ``uncertainty`` (download it with ``/datastore/label?label=ID&tag=uncertainty``);
+        the result params say where, with the map's mean and maximum.
+        """
+        result = super().infer(request, datastore)
+        params = result.get("params")
+        uncertainty = params.get("uncertainty") if isinstance(params, dict) else None
+        if isinstance(uncertainty, dict) and uncertainty.get("file"):
+            file = uncertainty.pop("file")
+            store = datastore if datastore else self.datastore()
+            image_id = request.get("image")
+            if isinstance(image_id, str) and store.get_image_uri(image_id):
+                info = {"model": request.get("model"), "mean": uncertainty.get("mean")}
+                uncertainty["label"] = store.save_label(image_id, file, UNCERTAINTY_TAG, info)
+                uncertainty["tag"] = UNCERTAINTY_TAG
+            remove_file(file)
+        return result

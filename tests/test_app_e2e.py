@@ -1,0 +1,200 @@
+"""End to end: a real MONAI Label server running the co-training app, driven by its client.
+
+Covers: ``/info``; the clear error of infer before any training; training started by label
+submits alone (with ``min_labels`` and coalescing); train stats; the label returned in the
+image's own grid with a Dice well above chance; a newly published model served without a
+restart; the uncertainty map; disagreement scores and the ``disagreement`` strategy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from cotrain.studies import write_demo_studies
+from tests.app_helpers import MonaiLabelServer, copy_app, dice, wait_for
+
+pytestmark = pytest.mark.server
+
+#: Small and fast on a CPU: 32^3 images, 24^3 patches, a 3-level UNet, 3 x 8 iterations.
+FAST_CONF = {
+    "labels": json.dumps({"organ": 1}),
+    "views": "2",
+    "roi_size": "[24, 24, 24]",
+    "intensity": "zscore",
+    "epochs": "3",
+    "iterations_per_epoch": "8",
+    "batch_size": "2",
+    "unlabeled_batch_size": "2",
+    "network": json.dumps({"channels": [8, 16, 32], "strides": [2, 2]}),
+    "learning_rate": "0.003",
+    "num_workers": "0",
+    "min_labels": "3",
+    "val_min_labels": "3",
+    "val_split": "0.3",
+}
+TRAIN_TIMEOUT_S = 420.0
+
+
+def _train_finished(client: MONAILabelClient) -> dict[str, Any] | None:
+    """The latest train task once nothing is running or queued, else ``None``."""
+    if client.train_status(check_if_running=True):
+        return None
+    task = client.train_status()
+    return task if task.get("status") not in ("SUBMITTED", "RUNNING") else None
+
+
+def _wait_training(client: MONAILabelClient, server: MonaiLabelServer) -> dict[str, Any]:
+    try:
+        task = wait_for(lambda: _train_finished(client), TRAIN_TIMEOUT_S, "training to finish", 2)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{server.log_tail()}") from None
+    assert task["status"] == "DONE", f"training ended {task['status']}: {task.get('details')}"
+    return task
+
+
+def _scores(client: MONAILabelClient, images: list[str], model: int) -> dict[str, float] | None:
+    """Disagreement scores of ``images`` from the datastore, once all were computed with the
+    model whose file modification time is ``model`` (ns)."""
+    objects = client.datastore().get("objects", {})
+    scores = {}
+    for image in images:
+        entry = objects.get(image, {}).get("image", {}).get("info", {}).get("disagreement_dct_seg")
+        if not entry or entry.get("model_ts") != model:
+            return None
+        scores[image] = float(entry["score"])
+    return scores
+
+
+def test_app_end_to_end(tmp_path: Path) -> None:
+    truth_dir = tmp_path / "truth"
+    studies = write_demo_studies(
+        tmp_path / "studies",
+        num_images=8,
+        num_labeled=1,
+        shape=(32, 32, 32),
+        seed=0,
+        spacing=(1.0, 1.0, 1.5),
+        truth_dir=truth_dir,
+    )
+    app_dir = copy_app(tmp_path / "app")
+    conf = {"models": "dct_seg", **FAST_CONF}
+    with MonaiLabelServer(app_dir, studies.folder, conf, tmp_path / "server.log") as server:
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
+        (tmp_path / "client").mkdir()
+
+        # /info: the model with its labels, the trainer, the strategy and the scoring method.
+        info = client.info()
+        assert info["models"]["dct_seg"]["labels"] == {"organ": 1}
+        assert info["models"]["dct_seg"]["type"] == "segmentation"
+        assert "dct_seg" in info["trainers"]
+        assert "disagreement" in info["strategies"]
+        assert "disagreement_dct_seg" in info["scoring"]
+        assert info["labels"] == ["organ"]
+
+        # No training task exists yet, and infer says clearly that there is no model.
+        assert not client.train_status(check_if_running=True)
+        with pytest.raises(MONAILabelClientException) as error:
+            client.infer("dct_seg", "case_006", {})
+        assert "503" in error.value.msg and "not trained yet" in error.value.msg
+
+        # Submits below min_labels do not train; reaching it does, without any train call.
+        response = client.save_label("case_001", str(truth_dir / "case_001.nii.gz"))
+        assert response["train"] == {"dct_seg": "waiting for labels (2/3)"}
+        assert not client.train_status(check_if_running=True)
+        response = client.save_label("case_002", str(truth_dir / "case_002.nii.gz"))
+        assert response["train"] == {"dct_seg": "started"}, response
+        # Two more submits while it trains: one follow-up run at most covers both.
+        outcomes = [
+            client.save_label(name, str(truth_dir / f"{name}.nii.gz"))["train"]["dct_seg"]
+            for name in ("case_003", "case_004")
+        ]
+        assert outcomes[0] in ("queued", "coalesced"), outcomes
+        assert outcomes[1] == "coalesced" or outcomes[0] == "coalesced", outcomes
+
+        task = _wait_training(client, server)
+        assert task["request"]["model"] == "dct_seg"
+        stats = client.info()["train_stats"]["dct_seg"]
+        assert stats["status"] == "DONE"
+        assert stats["epoch"] == stats["total_epochs"] == 3
+        assert "total_time" in stats and stats["progress"] == 1.0
+        assert stats["labeled"] + stats["validation"] == 5, "the last run missed a submitted label"
+        assert stats["unlabeled"] == 3
+        assert len(stats["member_dice"]) == 2
+        assert stats["disagreement"] is not None
+        assert 0.0 < stats["best_metric"] <= 1.0
+        assert {"supervised", "total"} <= set(stats["losses"])
+
+        # Infer: a label on the image's own grid, clearly better than chance.
+        unlabeled = ["case_005", "case_006", "case_007"]
+        label_file, params = client.infer("dct_seg", "case_006", {"uncertainty": True})
+        image = nib.load(studies.folder / "case_006.nii.gz")
+        label = nib.load(label_file)
+        assert label.shape == image.shape
+        np.testing.assert_allclose(label.affine, image.affine, atol=1e-4)
+        truth = np.asarray(nib.load(truth_dir / "case_006.nii.gz").dataobj)
+        score = dice(np.asarray(label.dataobj), truth)
+        assert score > 0.6, f"Dice {score:.3f} against ground truth"
+        assert set(np.unique(np.asarray(label.dataobj))) <= {0, 1}
+        assert params["label_names"] == {"organ": 1}
+        first_model = params["model"]
+
+        # The uncertainty map went into the datastore under its own tag.
+        assert params["uncertainty"]["tag"] == "uncertainty"
+        uncertainty = nib.load(client.download_label("case_006", "uncertainty"))
+        assert uncertainty.shape == image.shape
+        assert float(np.asarray(uncertainty.dataobj).min()) >= -1e-6  # JS divergence
+
+        # Every unlabeled image gets a disagreement score from the new model after training.
+        scores = wait_for(
+            lambda: _scores(client, unlabeled, first_model["mtime_ns"]), 240, "scores", 3
+        )
+        most_uncertain = max(unlabeled, key=lambda i: scores[i])
+
+        # next_sample: the most uncertain unlabeled image; not the same one for another client.
+        sample = client.next_sample("disagreement", {"client_id": "annotator-a"})
+        assert sample["id"] == most_uncertain, (sample, scores)
+        other = client.next_sample("disagreement", {"client_id": "annotator-b"})
+        assert other["id"] in unlabeled and other["id"] != sample["id"]
+
+        # One more submit retrains (warm start); infer serves the new model without a restart.
+        response = client.save_label("case_005", str(truth_dir / "case_005.nii.gz"))
+        assert response["train"]["dct_seg"] in ("started", "queued"), response
+        _wait_training(client, server)
+        stats = client.info()["train_stats"]["dct_seg"]
+        assert stats["warm_start"] is True
+        assert stats["labeled"] + stats["validation"] == 6
+        _, params = client.infer("dct_seg", "case_007", {})
+        assert params["model"]["mtime_ns"] > first_model["mtime_ns"], "new model not served"
+
+
+def test_app_serves_all_models(tmp_path: Path) -> None:
+    studies = write_demo_studies(
+        tmp_path / "studies", num_images=3, num_labeled=1, shape=(16, 16, 16)
+    )
+    app_dir = copy_app(tmp_path / "app")
+    conf = {
+        "models": "all",
+        "labels": json.dumps({"anterior": 1, "posterior": 2}),
+        "duo_segnet.auto_train": "false",
+    }
+    with MonaiLabelServer(app_dir, studies.folder, conf, tmp_path / "server.log") as server:
+        client = MONAILabelClient(server.url)
+        info = client.info()
+        assert set(info["models"]) == {"dct_seg", "duo_segnet"}
+        for model in ("dct_seg", "duo_segnet"):
+            assert info["models"][model]["labels"] == {"anterior": 1, "posterior": 2}
+            assert model in info["trainers"]
+            assert f"disagreement_{model}" in info["scoring"]
+            with pytest.raises(MONAILabelClientException) as error:
+                client.infer(model, "case_000", {})
+            assert "not trained yet" in error.value.msg
+        assert info["labels"] == ["anterior", "posterior"]
+        assert server.process is not None and server.process.poll() is None

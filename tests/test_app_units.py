@@ -1,0 +1,283 @@
+"""Unit tests of the MONAI Label app's pieces: conf parsing, model selection, the retrain
+scheduler, the validation split, train stats and the disagreement strategy (on a real
+MONAI Label local datastore)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from monailabel.datastore.local import LocalDatastore
+
+from cotrain.engine import TrainState
+from cotrain.studies import write_demo_studies
+from tests.app_helpers import APP_DIR, use_app_lib
+
+use_app_lib()
+
+from lib.activelearning.disagreement import Disagreement  # noqa: E402
+from lib.configs.common import parse_model_settings  # noqa: E402
+from lib.scheduler import COALESCED, QUEUED, STARTED, TrainScheduler  # noqa: E402
+from lib.trainers.co_training import TrainStatsWriter, split_validation  # noqa: E402
+
+
+def _load_main() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("cotrain_app_main", APP_DIR / "main.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- conf parsing
+
+
+def test_conf_defaults() -> None:
+    settings = parse_model_settings({"models": "dct_seg"}, "dct_seg", "dct_seg")
+    c = settings.train_config
+    assert c.method == "dct_seg"
+    assert c.labels == {"organ": 1}
+    assert settings.auto_train is True
+    assert settings.min_labels >= 1
+    assert 0 < settings.val_split < 1
+
+
+def test_conf_values_are_parsed() -> None:
+    conf = {
+        "labels": '{"anterior": 1, "posterior": 2}',
+        "views": "3",
+        "roi_size": "48",
+        "target_spacing": "1,1,1.5",
+        "intensity": "ct:-1000,1000",
+        "epochs": "7",
+        "learning_rate": "0.002",
+        "network": '{"channels": [8, 16, 32], "strides": [2, 2]}',
+        "amp": "false",
+        "auto_train": "no",
+        "min_labels": "4",
+        "val_split": "0.25",
+        "duo_segnet.epochs": "9",
+    }
+    settings = parse_model_settings(conf, "dct_seg", "dct_seg")
+    c = settings.train_config
+    assert c.labels == {"anterior": 1, "posterior": 2}
+    assert c.views == 3
+    assert c.roi_size == (48, 48, 48)
+    assert c.target_spacing == (1.0, 1.0, 1.5)
+    assert c.intensity == "ct:-1000,1000"
+    assert c.epochs == 7
+    assert c.learning_rate == pytest.approx(0.002)
+    assert c.network == {"channels": [8, 16, 32], "strides": [2, 2]}
+    assert c.amp is False
+    assert settings.auto_train is False
+    assert settings.min_labels == 4
+    assert settings.val_split == pytest.approx(0.25)
+    # A model-prefixed key wins for that model only.
+    assert parse_model_settings(conf, "duo_segnet", "duo_segnet").train_config.epochs == 9
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [('["liver", "tumor"]', {"liver": 1, "tumor": 2}), ("spleen", {"spleen": 1})],
+)
+def test_conf_labels_as_names(labels: str, expected: dict[str, int]) -> None:
+    settings = parse_model_settings({"labels": labels}, "dct_seg", "dct_seg")
+    assert settings.train_config.labels == expected
+
+
+def test_conf_keeps_the_grid_and_rejects_bad_values() -> None:
+    settings = parse_model_settings({"target_spacing": "none"}, "dct_seg", "dct_seg")
+    assert settings.train_config.target_spacing is None
+    with pytest.raises(ValueError, match="epochs"):
+        parse_model_settings({"epochs": "many"}, "dct_seg", "dct_seg")
+    with pytest.raises(ValueError, match="min_labels"):
+        parse_model_settings({"min_labels": "0"}, "dct_seg", "dct_seg")
+    with pytest.raises(ValueError, match="intensity"):
+        parse_model_settings({"intensity": "minmax"}, "dct_seg", "dct_seg")
+
+
+def test_select_models() -> None:
+    main = _load_main()
+    assert main.select_models({"models": "dct_seg"}) == ["dct_seg"]
+    assert main.select_models({"models": "all"}) == ["dct_seg", "duo_segnet"]
+    assert main.select_models({"models": "duo_segnet, dct_seg"}) == ["dct_seg", "duo_segnet"]
+    with pytest.raises(ValueError, match="provide --conf models"):
+        main.select_models({})
+    with pytest.raises(ValueError, match="unknown model"):
+        main.select_models({"models": "unet"})
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+class TrainQueue:
+    """Stands in for MONAI Label's single-worker train queue (``AsyncTask`` semantics)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict[str, Any]] = []
+
+    def submit(self, model: str) -> None:
+        self.tasks.append({"status": "SUBMITTED", "request": {"model": model}})
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        return [dict(t) for t in self.tasks]
+
+    def step(self) -> None:
+        """Finish the running task (if any) and start the next submitted one."""
+        for task in self.tasks:
+            if task["status"] == "RUNNING":
+                task["status"] = "DONE"
+                break
+        for task in self.tasks:
+            if task["status"] == "SUBMITTED":
+                task["status"] = "RUNNING"
+                break
+
+
+def test_scheduler_runs_one_and_keeps_at_most_one_pending() -> None:
+    queue = TrainQueue()
+    scheduler = TrainScheduler(submit=queue.submit, list_tasks=queue.list_tasks)
+
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": STARTED}
+    # Submits before the run started are covered by it.
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": COALESCED}
+    queue.step()  # the run starts: it read the datastore now
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": QUEUED}
+    for _ in range(5):  # a burst while it runs: one follow-up run covers them all
+        assert scheduler.request(["dct_seg"]) == {"dct_seg": COALESCED}
+    assert [t["status"] for t in queue.tasks] == ["RUNNING", "SUBMITTED"]
+    assert scheduler.status("dct_seg") == (True, True)
+
+    queue.step()  # the follow-up starts; a new submit needs another run
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": QUEUED}
+    queue.step()
+    queue.step()
+    assert [t["status"] for t in queue.tasks] == ["DONE", "DONE", "DONE"]
+    assert scheduler.status("dct_seg") == (False, False)
+    assert scheduler.request([]) == {}
+
+
+def test_scheduler_handles_models_separately() -> None:
+    queue = TrainQueue()
+    scheduler = TrainScheduler(submit=queue.submit, list_tasks=queue.list_tasks)
+    assert scheduler.request(["dct_seg", "duo_segnet"]) == {
+        "dct_seg": STARTED,
+        "duo_segnet": QUEUED,
+    }
+    assert scheduler.request(["dct_seg", "duo_segnet"]) == {
+        "dct_seg": COALESCED,
+        "duo_segnet": COALESCED,
+    }
+    assert len(queue.tasks) == 2
+
+
+# ----------------------------------------------------------------------------- train task pieces
+
+
+def test_split_validation() -> None:
+    cases = [{"image": f"i{i}", "label": f"l{i}"} for i in range(10)]
+    train, val = split_validation(cases, 0.2, 5, seed=0)
+    assert len(val) == 2 and len(train) == 8
+    assert {c["image"] for c in train} | {c["image"] for c in val} == {c["image"] for c in cases}
+    assert split_validation(cases, 0.2, 5, seed=0) == (train, val)  # reproducible
+    assert split_validation(cases[:4], 0.2, 5, seed=0) == (cases[:4], [])  # too few labels
+    assert split_validation(cases, 0.0, 5, seed=0) == (cases, [])
+    train, val = split_validation(cases[:2], 0.9, 1, seed=0)
+    assert len(train) == 1 and len(val) == 1  # at least one case stays for training
+
+
+def test_train_stats_writer(tmp_path: Path) -> None:
+    path = tmp_path / "model" / "train_stats.json"
+    writer = TrainStatsWriter(path, {"name": "dct_seg", "total_epochs": 4}, min_interval_s=60)
+    writer.write(None)
+    stats = json.loads(path.read_text())
+    assert stats["status"] == "RUNNING" and stats["epoch"] == 0 and stats["total_epochs"] == 4
+    assert "total_time" not in stats and "current_time" in stats
+
+    state = TrainState(epoch=2, total_epochs=4, iteration=3, iterations_per_epoch=3)
+    state.losses = {"supervised": 0.5, "total": float("nan")}
+    state.metrics = {"vote_dice": 0.8, "member_dice": [0.7, 0.75], "disagreement": 0.01}
+    state.best_metric, state.best_epoch = 0.8, 2
+    writer.on_epoch_end(state)
+    stats = json.loads(path.read_text())  # strict JSON: NaN became null
+    assert stats["epoch"] == 2 and stats["best_metric"] == 0.8
+    assert stats["progress"] == 0.5
+    assert stats["member_dice"] == [0.7, 0.75] and stats["disagreement"] == 0.01
+    assert stats["losses"] == {"supervised": 0.5, "total": None}
+
+    state.iteration = 1
+    writer.min_interval_s = 0.0
+    writer.on_iteration_end(state)  # first iteration of epoch 3
+    assert json.loads(path.read_text())["progress"] == pytest.approx(7 / 12, abs=1e-4)
+    state.epoch, state.iteration = 4, 3
+    writer.write(state, status="DONE")
+    stats = json.loads(path.read_text())
+    assert stats["status"] == "DONE" and "total_time" in stats and stats["progress"] == 1.0
+    assert not [p for p in path.parent.iterdir() if p.name != path.name]  # no temporary files
+
+
+def test_train_stats_before_validation_reports_zero(tmp_path: Path) -> None:
+    writer = TrainStatsWriter(tmp_path / "s.json", {})
+    assert writer.stats(TrainState(best_metric=-1.0), "RUNNING")["best_metric"] == 0.0
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+@pytest.fixture
+def datastore(tmp_path: Path) -> LocalDatastore:
+    write_demo_studies(tmp_path / "studies", num_images=5, num_labeled=1, shape=(8, 8, 8))
+    return LocalDatastore(str(tmp_path / "studies"), auto_reload=False)
+
+
+def _score(datastore: LocalDatastore, image: str, **scores: float) -> None:
+    datastore.update_image_info(
+        image, {f"disagreement_{model}": {"score": s} for model, s in scores.items()}
+    )
+
+
+def _served(datastore: LocalDatastore, image: str, client: str | None, age_s: float) -> None:
+    entry = {"ts": int(time.time() - age_s), "client_id": client}
+    datastore.update_image_info(image, {"strategy": {"disagreement": entry}})
+
+
+def test_disagreement_picks_the_most_uncertain(datastore: LocalDatastore) -> None:
+    strategy = Disagreement()
+    # Before any scoring: an unlabeled image, in id order.
+    assert strategy({"strategy": "disagreement"}, datastore)["id"] == "case_001"
+    _score(datastore, "case_001", dct_seg=0.1)
+    _score(datastore, "case_002", dct_seg=0.3, duo_segnet=0.5)  # mean over models: 0.4
+    _score(datastore, "case_003", dct_seg=0.2)
+    assert strategy({}, datastore) == {"id": "case_002", "disagreement": pytest.approx(0.4)}
+    # case_000 is labeled: never proposed even with a high score.
+    _score(datastore, "case_000", dct_seg=9.0)
+    assert strategy({}, datastore)["id"] == "case_002"
+
+
+def test_disagreement_skips_images_served_to_other_clients(datastore: LocalDatastore) -> None:
+    strategy = Disagreement(served_timeout_s=600)
+    for image, score in (("case_001", 0.1), ("case_002", 0.4), ("case_003", 0.3)):
+        _score(datastore, image, dct_seg=score)
+    _served(datastore, "case_002", "annotator-a", age_s=10)
+    assert strategy({"client_id": "annotator-b"}, datastore)["id"] == "case_003"
+    assert strategy({"client_id": "annotator-a"}, datastore)["id"] == "case_002"
+    assert strategy({}, datastore)["id"] == "case_003"  # anonymous: never the same client
+    # An old reservation has expired.
+    _served(datastore, "case_002", "annotator-a", age_s=3600)
+    assert strategy({"client_id": "annotator-b"}, datastore)["id"] == "case_002"
+
+
+def test_disagreement_when_everything_is_reserved(datastore: LocalDatastore) -> None:
+    for age, image in ((30, "case_001"), (20, "case_002"), (50, "case_003"), (10, "case_004")):
+        _served(datastore, image, "someone", age_s=age)
+    assert Disagreement()({"client_id": "me"}, datastore)["id"] == "case_003"
+
+
+def test_disagreement_with_nothing_left(tmp_path: Path) -> None:
+    write_demo_studies(tmp_path / "s", num_images=2, num_labeled=2, shape=(8, 8, 8))
+    assert Disagreement()({}, LocalDatastore(str(tmp_path / "s"), auto_reload=False)) is None
