@@ -1,0 +1,355 @@
+"""Quality benchmark: Dice and HD95 against the number of labeled cases, for every method.
+
+Every method trains on the same splits and seeds and is evaluated on a test split it never
+trains or tunes on, per member (averaged) and for the soft vote. Results go to
+``bench/results/PROFILE.{jsonl,csv,md,png}``. Runs already in the JSONL file are skipped, so an
+interrupted benchmark continues where it stopped.
+
+    python bench/quality.py --profile quick            # hippocampus, CPU, about an hour
+    python bench/quality.py --profile full             # left atrium, meant for a GPU
+
+A method is a name from ``cotrain.config.METHODS``, optionally with hyperparameters
+(``dct_seg:lambda_cot=2,lambda_div=0.2``), or ``full``: the supervised ensemble with every
+training case labeled (an upper reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from cotrain.config import TrainConfig
+from cotrain.data import list_msd_cases
+from cotrain.engine import MODEL_FILE, Trainer
+from cotrain.ensemble import EnsemblePredictor
+from cotrain.metrics import dice_and_hd95
+
+logger = logging.getLogger("bench.quality")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_METHODS = ["supervised", "jsd", "dct_seg", "duo_segnet", "mean_teacher", "cps", "full"]
+
+
+@dataclass
+class Profile:
+    """A benchmark setting: data, splits, label counts and the training recipe."""
+
+    data: Path
+    num_test: int
+    label_counts: list[int]
+    labels: dict[str, int]
+    train: dict[str, Any]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_validation: int = 0
+
+
+PROFILES = {
+    # 200 hippocampus MRIs: 150 train / 50 test; 8 and 15 labeled = 5% and 10% of training cases.
+    "quick": Profile(
+        data=SHARED_DATA / "hippocampus",
+        num_test=50,
+        label_counts=[8, 15],
+        labels={"anterior": 1, "posterior": 2},
+        train={
+            "roi_size": (40, 56, 40),
+            "epochs": 8,
+            "iterations_per_epoch": 50,
+            "batch_size": 2,
+            "unlabeled_batch_size": 2,
+            "learning_rate": 1e-3,
+            "network": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2]},
+            "val_interval": 0,
+        },
+    ),
+    # 80 left-atrium MRIs: 64 train / 16 test, 8 and 16 labeled as in the literature; GPU.
+    "full": Profile(
+        data=SHARED_DATA / "la2018",
+        num_test=16,
+        label_counts=[8, 16],
+        labels={"left_atrium": 1},
+        seeds=[0, 1],
+        num_validation=6,
+        train={
+            "roi_size": (96, 96, 64),
+            "epochs": 60,
+            "iterations_per_epoch": 100,
+            "batch_size": 2,
+            "unlabeled_batch_size": 2,
+            "learning_rate": 1e-3,
+            "network": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2]},
+            "val_interval": 5,
+        },
+    ),
+}
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dct_seg:lambda_cot=2,lambda_div=0.2"`` -> ``("dct_seg", {"lambda_cot": 2.0, ...})``."""
+    name, _, params = spec.partition(":")
+    parsed: dict[str, Any] = {}
+    for item in filter(None, params.split(",")):
+        key, _, value = item.partition("=")
+        parsed[key] = json.loads(value)
+    return name, parsed
+
+
+def split_cases(profile: Profile) -> tuple[list[dict], list[dict], list[dict]]:
+    """Test, validation and training cases: a fixed shuffle (seed 2024) of the sorted cases."""
+    cases = [c for c in list_msd_cases(profile.data) if "label" in c]
+    random.Random(2024).shuffle(cases)
+    test = cases[: profile.num_test]
+    validation = cases[profile.num_test : profile.num_test + profile.num_validation]
+    train = cases[profile.num_test + profile.num_validation :]
+    return test, validation, train
+
+
+def run_one(
+    profile: Profile,
+    method_spec: str,
+    num_labeled: int,
+    seed: int,
+    splits: tuple,
+    device: str | None,
+) -> dict[str, Any]:
+    """Train one method on one split and evaluate it on the test cases."""
+    test, validation, train = splits
+    name, params = parse_method(method_spec)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    if name == "full":
+        labeled, unlabeled, method = train, [], "supervised"
+    else:
+        labeled = [train[i] for i in order[:num_labeled]]
+        unlabeled = [{"image": train[i]["image"]} for i in order[num_labeled:]]
+        method = name
+    config = TrainConfig(
+        method=method, labels=profile.labels, seed=seed, method_params=params, **profile.train
+    )
+    with tempfile.TemporaryDirectory() as output:
+        start = time.monotonic()
+        state = Trainer(
+            config, labeled, unlabeled, output, validation=validation, device=device
+        ).fit()
+        train_seconds = time.monotonic() - start
+        predictor = EnsemblePredictor.load(Path(output) / MODEL_FILE, device=device)
+        vote, members = [], []
+        for case in test:
+            prediction = predictor.predict_file(case["image"], members=True)
+            reference_image = nib.load(case["label"])
+            reference = np.asarray(reference_image.dataobj).astype(np.int64)
+            spacing = tuple(float(s) for s in reference_image.header.get_zooms()[:3])
+            vote.append(dice_and_hd95(prediction.label, reference, profile.labels, spacing))
+            members.append(
+                [
+                    dice_and_hd95(m, reference, profile.labels, spacing)
+                    for m in prediction.member_labels
+                ]
+            )
+    return {
+        "method": method_spec,
+        "labeled": len(labeled),
+        "seed": seed,
+        "vote_dice": mean_over_classes(vote, "dice"),
+        "vote_hd95": mean_over_classes(vote, "hd95"),
+        "member_dice": float(
+            np.mean(
+                [mean_over_classes([m[i] for m in members], "dice") for i in range(len(members[0]))]
+            )
+        ),
+        "vote_dice_per_class": {c: mean_metric(vote, "dice", c) for c in profile.labels},
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_iteration": round(
+            train_seconds / (config.epochs * config.iterations_per_epoch), 3
+        ),
+        "final_losses": state.losses,
+    }
+
+
+def mean_metric(results: list[dict], metric: str, label: str) -> float | None:
+    values = [r[metric][label] for r in results if r[metric][label] is not None]
+    return float(np.mean(values)) if values else None
+
+
+def mean_over_classes(results: list[dict], metric: str) -> float | None:
+    labels = list(results[0][metric])
+    values = [v for v in (mean_metric(results, metric, label) for label in labels) if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(rows: list[dict], output: Path, profile_name: str) -> None:
+    """Write the CSV, the markdown table (mean ± std over seeds) and the plot."""
+    with (output / f"{profile_name}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "method",
+                "labeled",
+                "seed",
+                "vote_dice",
+                "member_dice",
+                "vote_hd95",
+                "train_seconds",
+                "seconds_per_iteration",
+            ]
+        )
+        for r in rows:
+            writer.writerow(
+                [
+                    r["method"],
+                    r["labeled"],
+                    r["seed"],
+                    r["vote_dice"],
+                    r["member_dice"],
+                    r["vote_hd95"],
+                    r["train_seconds"],
+                    r["seconds_per_iteration"],
+                ]
+            )
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["labeled"]), []).append(r)
+
+    def stat(values: list[float | None], scale: float = 1.0) -> str:
+        values = [v * scale for v in values if v is not None]
+        if not values:
+            return "-"
+        return (
+            f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+            if len(values) > 1
+            else f"{values[0]:.2f}"
+        )
+
+    supervised = {
+        n: np.mean([r["vote_dice"] for r in g]) for (m, n), g in groups.items() if m == "supervised"
+    }
+    lines = [
+        f"# Quality benchmark: profile `{profile_name}`",
+        "",
+        "Dice in %, HD95 in mm, on the test split; mean ± std over seeds where there are several.",
+        "",
+        "| method | labeled | soft-vote Dice | member Dice | vote - supervised vote | soft-vote HD95 | s/iteration | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, labeled), g in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        vote = float(np.mean([r["vote_dice"] for r in g]))
+        delta = (
+            f"{100 * (vote - supervised[labeled]):+.2f}"
+            if labeled in supervised and method != "supervised"
+            else "-"
+        )
+        lines.append(
+            f"| {method} | {labeled} | {stat([r['vote_dice'] for r in g], 100)} | {stat([r['member_dice'] for r in g], 100)} "
+            f"| {delta} | {stat([r['vote_hd95'] for r in g])} | {stat([r['seconds_per_iteration'] for r in g])} | {len(g)} |"
+        )
+    (output / f"{profile_name}.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({m for m, _ in groups}):
+        counts = sorted(n for m, n in groups if m == method)
+        means = [100 * np.mean([r["vote_dice"] for r in groups[(method, n)]]) for n in counts]
+        stds = [100 * np.std([r["vote_dice"] for r in groups[(method, n)]]) for n in counts]
+        if method == "full":
+            axis.axhline(
+                means[0],
+                linestyle="--",
+                color="black",
+                label=f"full supervision ({counts[0]} labeled)",
+            )
+            continue
+        axis.errorbar(counts, means, yerr=stds, marker="o", capsize=3, label=method)
+    axis.set_xlabel("labeled training cases")
+    axis.set_ylabel("soft-vote Dice (%)")
+    axis.set_title(f"cotrain quality benchmark ({profile_name})")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output / f"{profile_name}.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument(
+        "--label-counts", type=int, nargs="+", help="override the profile's label counts"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help="override the total iterations (epochs x iterations per epoch)",
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    profile = PROFILES[args.profile]
+    if not profile.data.is_dir():
+        print(f"data not found: {profile.data}", file=sys.stderr)
+        return 2
+    if args.label_counts:
+        profile.label_counts = args.label_counts
+    if args.seeds:
+        profile.seeds = args.seeds
+    if args.iterations:
+        profile.train = {
+            **profile.train,
+            "epochs": max(1, args.iterations // profile.train["iterations_per_epoch"]),
+        }
+    args.output.mkdir(parents=True, exist_ok=True)
+    results_file = args.output / f"{args.profile}.jsonl"
+    rows = (
+        [json.loads(line) for line in results_file.read_text().splitlines()]
+        if results_file.exists()
+        else []
+    )
+    done = {(r["method"], r["labeled"], r["seed"]) for r in rows}
+
+    splits = split_cases(profile)
+    plan = []
+    for seed in profile.seeds:
+        for method in args.methods:
+            counts = [len(splits[2])] if method == "full" else profile.label_counts
+            plan += [(method, n, seed) for n in counts if (method, n, seed) not in done]
+    for method, count, seed in tqdm(plan, desc=f"benchmark {args.profile}", unit="run"):
+        row = run_one(profile, method, count, seed, splits, args.device)
+        tqdm.write(
+            f"{method} labeled={row['labeled']} seed={seed}: vote Dice {row['vote_dice']:.4f}, members {row['member_dice']:.4f}, {row['seconds_per_iteration']} s/it"
+        )
+        with results_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+        summarise(rows, args.output, args.profile)
+    if rows:
+        summarise(rows, args.output, args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
