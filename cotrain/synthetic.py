@@ -93,7 +93,8 @@ def write_synthetic_msd(
     root = Path(root)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    affine = np.diag([*[float(s) for s in spacing], 1.0])
+    # NIfTI affines are 4x4 also for 2D images (unit spacing on the missing axis).
+    affine = np.diag([*[float(s) for s in spacing], *[1.0] * (3 - len(spacing)), 1.0])
     names = []
     for i in range(num_cases):
         name = f"case_{i:03d}"

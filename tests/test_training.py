@@ -251,3 +251,25 @@ def test_two_process_gloo_training_keeps_members_identical(
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count('"model"') == 1  # only rank 0 reports and publishes
     assert (output / MODEL_FILE).is_file()
+
+
+@pytest.mark.parametrize("method", ["dct_seg", "duo_segnet"])
+def test_two_dimensional_images_train_and_predict(method: str, tmp_path: Path) -> None:
+    from cotrain.data import list_msd_cases
+    from cotrain.synthetic import write_synthetic_msd
+
+    write_synthetic_msd(tmp_path / "msd", 8, shape=(48, 40), spacing=(0.8, 0.8))
+    cases = list_msd_cases(tmp_path / "msd")
+    config = tiny_config(method=method, roi_size=(32, 32), epochs=3, iterations_per_epoch=10)
+    state = Trainer(
+        config,
+        cases[:3],
+        [{"image": c["image"]} for c in cases[3:6]],
+        tmp_path / "run",
+        validation=cases[6:],
+    ).fit()
+    assert state.best_metric > 0.5, f"2D {method}: soft-vote Dice {state.best_metric:.3f}"
+    prediction = EnsemblePredictor.load(tmp_path / "run" / MODEL_FILE, device="cpu").predict_file(
+        cases[7]["image"]
+    )
+    assert prediction.label.shape == (48, 40)
