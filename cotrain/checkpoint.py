@@ -1,4 +1,4 @@
-"""Model and checkpoint files: written atomically, read back with the configuration they need.
+"""Model and checkpoint files: written atomically with a digest, verified when read back.
 
 Two kinds of file live in a run's output folder:
 
@@ -7,50 +7,96 @@ Two kinds of file live in a run's output folder:
   crash never leaves a half-written model where a server would load it.
 - ``checkpoint.pt``, everything needed to resume: the model plus optimisers, LR schedule,
   gradient scaler, method state (critic, teachers, pair sampler), epoch, best metric, history.
+
+Every file written here carries the SHA-256 digest of its content (``"sha256"``, over every
+tensor's bytes and every value, in a fixed order); :func:`load_file` recomputes it and refuses
+a file whose content does not match, so a damaged file (disk error, partial copy, edit) is
+never used. A served model is replaced only by :func:`publish_model`, which verifies the new
+file and keeps the one it replaces as ``NAME.prev.pt``; :func:`load_model_with_fallback`
+returns to that previous model when the current one cannot be used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cotrain.files import atomic_copy, atomic_write, fsync_directory
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_FORMAT", "load_file", "save_atomically"]
+__all__ = [
+    "DIGEST_KEY",
+    "MODEL_FORMAT",
+    "CorruptModelError",
+    "content_digest",
+    "load_file",
+    "load_model_with_fallback",
+    "previous_model_path",
+    "publish_model",
+    "save_atomically",
+]
 
-#: Format tag and version written into every model and checkpoint file.
-MODEL_FORMAT = {"name": "cotrain-ensemble", "version": 1}
+#: Format tag and version written into every model and checkpoint file. Version 2 added the
+#: content digest; version 1 files (no digest) are still read.
+MODEL_FORMAT = {"name": "cotrain-ensemble", "version": 2}
+#: Key of the content digest in a saved payload.
+DIGEST_KEY = "sha256"
+
+
+class CorruptModelError(ValueError):
+    """A model or checkpoint file that cannot be used: unreadable, foreign, or damaged."""
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` in a canonical order (dict keys sorted, tensors as bytes)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)};".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, list | tuple):
+        digest.update(f"L{len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 (hex) of everything in ``payload`` except its own ``"sha256"`` entry."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != DIGEST_KEY})
+    return digest.hexdigest()
 
 
 def save_atomically(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` with ``torch.save`` to a temporary file, fsync it, rename it to ``path``.
+    """Write ``payload`` with its format tag and content digest, atomically (see
+    :func:`cotrain.files.atomic_write`).
 
     Args:
         payload: Plain data and tensors.
         path: Destination; its folder is created if missing.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": MODEL_FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    body = {"format": MODEL_FORMAT, **payload}
+    body[DIGEST_KEY] = content_digest(body)
+    with atomic_write(path, "wb") as f:
+        torch.save(body, f)
     return path
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a model or checkpoint file written by :func:`save_atomically`.
+    """Read a model or checkpoint file written by :func:`save_atomically` and verify it.
 
     Args:
         path: The file.
@@ -58,20 +104,101 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
 
     Raises:
         FileNotFoundError: If it does not exist.
-        ValueError: If it is not a cotrain file or is of a newer format version.
+        CorruptModelError: If it is unreadable, not a cotrain file, of a newer format
+            version, or its content does not match its digest.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable cotrain model file: {error}") from error
+    except Exception as error:  # a truncated, damaged or foreign file
+        raise CorruptModelError(f"{path} is not a readable cotrain model file: {error}") from error
     fmt = payload.get("format", {}) if isinstance(payload, dict) else {}
-    if fmt.get("name") != MODEL_FORMAT["name"]:
-        raise ValueError(f"{path} is not a cotrain model file")
-    if fmt.get("version", 0) > MODEL_FORMAT["version"]:
-        raise ValueError(
-            f"{path} has format version {fmt['version']}; this cotrain reads up to {MODEL_FORMAT['version']}"
+    if not isinstance(fmt, dict) or fmt.get("name") != MODEL_FORMAT["name"]:
+        raise CorruptModelError(f"{path} is not a cotrain model file")
+    version = fmt.get("version", 0)
+    if version > MODEL_FORMAT["version"]:
+        raise CorruptModelError(
+            f"{path} has format version {version}; this cotrain reads up to {MODEL_FORMAT['version']}"
         )
+    if version >= 2:
+        expected = payload.get(DIGEST_KEY)
+        if not expected or content_digest(payload) != expected:
+            raise CorruptModelError(
+                f"{path} is corrupt: its content does not match its SHA-256 digest"
+            )
     return payload
+
+
+def previous_model_path(path: str | Path) -> Path:
+    """Where :func:`publish_model` keeps the model it replaced: ``NAME.prev.pt`` beside
+    ``NAME.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def publish_model(source: str | Path, destination: str | Path) -> Path:
+    """Make ``source`` the served model ``destination``, keeping the replaced one.
+
+    ``source`` is verified first (a damaged file is never published). A ``destination``
+    that verifies is copied to :func:`previous_model_path` (atomically); then ``source`` is
+    renamed onto ``destination`` in one step, so readers see the old or the new model and
+    never a partial one. Both must be on the same file system.
+
+    Args:
+        source: A model file written by :func:`save_atomically` (moved, not copied).
+        destination: The served model file.
+
+    Returns:
+        ``destination`` as a ``Path``.
+
+    Raises:
+        CorruptModelError: If ``source`` does not verify (nothing is changed).
+    """
+    source, destination = Path(source), Path(destination)
+    load_file(source)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.is_file():
+        try:
+            load_file(destination)
+        except (CorruptModelError, FileNotFoundError) as e:
+            logger.warning("not keeping %s as the previous model: %s", destination, e)
+        else:
+            atomic_copy(destination, previous_model_path(destination))
+    os.replace(source, destination)
+    fsync_directory(destination.parent)
+    logger.info("published %s", destination)
+    return destination
+
+
+def load_model_with_fallback(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """Load the served model ``path``, or the previous one if ``path`` cannot be used.
+
+    Args:
+        path: The served model file.
+        map_location: Where tensors go.
+
+    Returns:
+        The payload and the file it came from (``path`` or its ``NAME.prev.pt``).
+
+    Raises:
+        FileNotFoundError: If neither file exists.
+        CorruptModelError: If no existing file verifies; the message names both problems.
+    """
+    path = Path(path)
+    previous = previous_model_path(path)
+    try:
+        return load_file(path, map_location), path
+    except (CorruptModelError, FileNotFoundError) as error:
+        if not previous.is_file():
+            raise
+        logger.error("%s cannot be used (%s); loading the previous model %s", path, error, previous)
+        try:
+            return load_file(previous, map_location), previous
+        except CorruptModelError as previous_error:
+            raise CorruptModelError(
+                f"no usable model: {error}; previous model: {previous_error}"
+            ) from previous_error

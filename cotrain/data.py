@@ -17,6 +17,7 @@ from monai import transforms as mt
 from monai.data import CacheDataset, DataLoader
 
 from cotrain.config import TrainConfig, parse_intensity
+from cotrain.files import NIFTI_SUFFIXES, nifti_name
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +29,6 @@ __all__ = [
     "read_case_list",
     "training_transforms",
 ]
-
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def _case_name(path: Path) -> str:
-    for suffix in _NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
 
 
 def list_msd_cases(root: str | Path) -> list[dict[str, str]]:
@@ -54,11 +46,11 @@ def list_msd_cases(root: str | Path) -> list[dict[str, str]]:
         raise FileNotFoundError(f"{root} is not an MSD folder: {images_dir} does not exist")
     cases = []
     for image in sorted(images_dir.iterdir()):
-        if not image.name.endswith(_NIFTI_SUFFIXES) or image.name.startswith("."):
+        name = nifti_name(image)
+        if name is None:
             continue
-        name = _case_name(image)
         case = {"name": name, "image": str(image)}
-        for suffix in _NIFTI_SUFFIXES:
+        for suffix in NIFTI_SUFFIXES:
             label = root / "labelsTr" / f"{name}{suffix}"
             if label.exists():
                 case["label"] = str(label)
@@ -90,7 +82,9 @@ def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label"))
         mt.LoadImaged(keys, image_only=True),
         mt.EnsureChannelFirstd(keys),
         mt.Orientationd(
-            keys, axcodes="RAS"[: config.spatial_dims], labels=(("L", "R"), ("P", "A"), ("I", "S"))
+            keys,
+            axcodes="RAS"[: config.spatial_dims],
+            labels=(("L", "R"), ("P", "A"), ("I", "S")),
         ),
     ]
     if config.target_spacing is not None:

@@ -27,7 +27,12 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
-from cotrain.checkpoint import load_file, save_atomically
+from cotrain.checkpoint import (
+    CorruptModelError,
+    load_file,
+    load_model_with_fallback,
+    save_atomically,
+)
 from cotrain.config import TrainConfig
 from cotrain.data import infinite_batches, make_loader, preprocessing, training_transforms
 from cotrain.distributed import (
@@ -118,8 +123,9 @@ class Trainer:
         output_dir: Where ``checkpoint.pt`` and, on success, ``model.pt`` are written.
         validation: ``{"image", "label"}`` cases to validate on, or ``None``.
         callbacks: Progress receivers.
-        init_model: A ``model.pt`` to warm-start the members from (skipped with a warning if
-            its architecture differs).
+        init_model: A ``model.pt`` to warm-start the members from; if it cannot be read, its
+            previous version (``NAME.prev.pt``, see :func:`cotrain.checkpoint.publish_model`).
+            Skipped with a warning if neither can be read or the architecture differs.
         device: ``"cuda"``/``"cpu"``; CUDA when present by default.
         resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
     """
@@ -193,7 +199,8 @@ class Trainer:
             The final state.
 
         Raises:
-            FloatingPointError: If a loss becomes NaN or infinite (nothing is published).
+            FloatingPointError: If a loss or a weight to publish becomes NaN or infinite
+                (nothing is published).
             TrainingStopped: If :meth:`request_stop` was called (nothing is published).
         """
         c = self.config
@@ -447,24 +454,41 @@ class Trainer:
             logger.info("resumed from %s at epoch %d", checkpoint, self.state.epoch)
             return self.state.epoch
         if self.init_model is not None and self.init_model.exists():
-            payload = load_file(self.init_model, map_location=self.device)
+            try:
+                payload, source = load_model_with_fallback(self.init_model, self.device)
+            except (CorruptModelError, FileNotFoundError) as error:
+                logger.warning("not warm-starting: %s; training from scratch", error)
+                return 0
             if payload["ensemble"]["spec"] == self.ensemble.spec:
                 self.ensemble.load_state_dict(payload["ensemble"]["state_dict"])
                 self.method.attach(self.ensemble)  # e.g. teachers start from the warm weights
                 self.method.to(self.device)
-                logger.info("warm start from %s", self.init_model)
+                logger.info("warm start from %s", source)
             else:
                 logger.warning(
-                    "not warm-starting from %s: its ensemble differs from this run's",
-                    self.init_model,
+                    "not warm-starting from %s: its ensemble differs from this run's", source
                 )
         return 0
 
     def _publish(self) -> None:
-        """Write ``model.pt`` (best validated weights, or the last ones) atomically."""
+        """Write ``model.pt`` (best validated weights, or the last ones) atomically.
+
+        Raises:
+            FloatingPointError: If a weight is NaN or infinite (nothing is written).
+        """
         weights = (
             self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
         )
+        broken = [
+            name
+            for name, tensor in weights.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        if broken:
+            raise FloatingPointError(
+                f"not publishing {MODEL_FILE}: {len(broken)} weight tensors hold NaN or "
+                f"infinite values (e.g. {broken[0]})"
+            )
         path = save_atomically(self._model_payload(weights), self.output_dir / MODEL_FILE)
         logger.info(
             "published %s (best vote Dice %.4f at epoch %d)",

@@ -17,11 +17,12 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from cotrain.checkpoint import load_file
+from cotrain.checkpoint import load_file, load_model_with_fallback
 from cotrain.config import TrainConfig
 from cotrain.data import preprocessing
 from cotrain.losses import jensen_shannon_map
 from cotrain.networks import Ensemble
+from cotrain.validation import InvalidImageError, check_image_header
 
 logger = logging.getLogger(__name__)
 
@@ -130,28 +131,45 @@ class EnsemblePredictor:
     """
 
     def __init__(
-        self, ensemble: Ensemble, config: TrainConfig, device: str | torch.device | None = None
+        self,
+        ensemble: Ensemble,
+        config: TrainConfig,
+        device: str | torch.device | None = None,
+        source: str | Path | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.ensemble = ensemble.to(self.device).eval()
         self.config = config
+        self.source = Path(source) if source is not None else None
         self._preprocess = preprocessing(config, keys=("image",))
 
     @classmethod
     def load(
-        cls, model_path: str | Path, device: str | torch.device | None = None
+        cls,
+        model_path: str | Path,
+        device: str | torch.device | None = None,
+        fallback: bool = False,
     ) -> EnsemblePredictor:
-        """Load ``model.pt`` written by the training engine.
+        """Load ``model.pt`` written by the training engine (its digest is verified).
 
         Args:
             model_path: The model file.
             device: Where to run.
+            fallback: If ``model_path`` cannot be used, load the previous served model
+                (``NAME.prev.pt``; see :func:`cotrain.checkpoint.load_model_with_fallback`).
+                :attr:`source` says which file was loaded.
+
+        Raises:
+            FileNotFoundError: If there is no model file.
+            cotrain.checkpoint.CorruptModelError: If no model file could be used.
         """
-        ensemble, config = ensemble_from_payload(load_file(model_path))
-        logger.info(
-            "loaded %d-member %s ensemble from %s", len(ensemble), config.method, model_path
-        )
-        return cls(ensemble, config, device)
+        if fallback:
+            payload, source = load_model_with_fallback(model_path)
+        else:
+            payload, source = load_file(model_path), Path(model_path)
+        ensemble, config = ensemble_from_payload(payload)
+        logger.info("loaded %d-member %s ensemble from %s", len(ensemble), config.method, source)
+        return cls(ensemble, config, device, source=source)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -165,10 +183,13 @@ class EnsemblePredictor:
         Args:
             image_path: A NIfTI image.
             members: Also return each member's own label (for evaluation).
+
+        Raises:
+            cotrain.validation.InvalidImageError: If the image is not a readable volume with
+                the model's dimensions, or has NaN or infinite voxels; the message says which.
         """
         image_path = Path(image_path)
-        data = self._preprocess({"image": str(image_path)})
-        image = data["image"]
+        image = self._load_image(image_path)
         use_amp = self.device.type == "cuda" and self.config.amp
         with torch.autocast(self.device.type, enabled=use_amp):
             logits = member_logits_sliding_window(
@@ -200,6 +221,23 @@ class EnsemblePredictor:
             )
         label = probabilities.argmax(axis=0).astype(np.uint8)
         return Prediction(label, uncertainty, probabilities, reference.affine, member_labels)
+
+    def _load_image(self, image_path: Path) -> MetaTensor:
+        """The preprocessed image, or :class:`InvalidImageError` saying what is wrong with it.
+
+        The header is checked first (cheap, clear messages); the voxels are read once, by the
+        preprocessing itself, and checked for NaN and infinite values.
+        """
+        check_image_header(image_path, self.config.spatial_dims)
+        try:
+            image = self._preprocess({"image": str(image_path)})["image"]
+        except Exception as e:  # damaged voxel data surfaces as many error types
+            raise InvalidImageError(
+                f"image {image_path.name} cannot be read (truncated or corrupt file?): {e}"
+            ) from e
+        if not bool(torch.isfinite(image).all()):
+            raise InvalidImageError(f"image {image_path.name} has NaN or infinite voxels")
+        return image
 
     def mean_disagreement(self, image_path: str | Path) -> float:
         """Mean member disagreement over the image (for active learning)."""

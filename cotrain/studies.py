@@ -25,6 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from cotrain.files import nifti_name
 from cotrain.synthetic import make_synthetic_case
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ __all__ = ["FINAL_LABELS_DIR", "StudiesFolder", "import_msd_studies", "write_dem
 
 #: Where MONAI Label's local datastore keeps submitted labels, relative to the studies folder.
 FINAL_LABELS_DIR = Path("labels") / "final"
-
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def _prepare_folder(folder: str | Path, overwrite: bool) -> Path:
     """
     folder = Path(folder)
     if folder.is_dir() and not overwrite:
-        existing = [p.name for p in folder.iterdir() if p.name.endswith(_NIFTI_SUFFIXES)]
+        existing = [p.name for p in folder.iterdir() if nifti_name(p) is not None]
         if existing:
             raise FileExistsError(
                 f"{folder} already holds {len(existing)} images (e.g. {existing[0]}); "
@@ -154,16 +153,6 @@ def write_demo_studies(
     return StudiesFolder(folder=folder, labeled=labeled, unlabeled=unlabeled)
 
 
-def _nifti_id(path: Path) -> str | None:
-    """The image id of a NIfTI file name (name without extension), or ``None`` if not one."""
-    if path.name.startswith("."):  # e.g. macOS "._case.nii.gz" resource forks in MSD archives
-        return None
-    for suffix in _NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def import_msd_studies(
     msd_dir: str | Path,
     folder: str | Path,
@@ -197,7 +186,7 @@ def import_msd_studies(
     images: dict[str, Path] = {}
     if images_dir.is_dir():
         for path in images_dir.iterdir():
-            image_id = _nifti_id(path)
+            image_id = nifti_name(path)
             if image_id is not None:
                 images[image_id] = path
     if not images:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +25,26 @@ APP_DIR = REPO_ROOT / "apps" / "cotrain"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 T = TypeVar("T")
+
+#: ``--conf`` of a server whose trainings take seconds on a CPU: 16^3 patches, a 2-level UNet
+#: without residual units, 2 members, 1 epoch of 2 iterations, no validation.
+TINY_SERVER_CONF = {
+    "models": "dct_seg",
+    "labels": '{"organ":1}',
+    "views": "2",
+    "roi_size": "[16,16,16]",
+    "epochs": "1",
+    "iterations_per_epoch": "2",
+    "batch_size": "1",
+    "unlabeled_batch_size": "1",
+    "network": '{"channels":[4,8],"strides":[2],"num_res_units":0}',
+    "num_workers": "0",
+    "min_labels": "2",
+    "val_split": "0",
+}
+#: Server environment without the scoring run MONAI Label starts at start-up and after every
+#: training (tests that do not need scores save its CPU time).
+NO_SCORING_ENV = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
 
 
 def use_app_lib() -> None:
@@ -70,6 +91,44 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> content), to compare before and after."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (to show that a file did not change)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train_finished(client: Any) -> dict[str, Any] | None:
+    """The latest train task once nothing is running or queued, else ``None``.
+
+    Args:
+        client: A ``monailabel.client.MONAILabelClient``.
+    """
+    if client.train_status(check_if_running=True):
+        return None
+    task = client.train_status()
+    return task if task.get("status") not in ("SUBMITTED", "RUNNING") else None
+
+
+def wait_for_training(client: Any, server: MonaiLabelServer, timeout_s: float) -> dict[str, Any]:
+    """Wait until no training runs or waits; return the latest train task (any status).
+
+    Raises:
+        AssertionError: With the server's log tail, on time-out.
+    """
+    try:
+        return wait_for(lambda: train_finished(client), timeout_s, "training to finish", 1)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{server.log_tail()}") from None
 
 
 class MonaiLabelServer:

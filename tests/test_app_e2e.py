@@ -19,7 +19,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from cotrain.studies import write_demo_studies
-from tests.app_helpers import MonaiLabelServer, copy_app, dice, wait_for
+from tests.app_helpers import MonaiLabelServer, copy_app, dice, wait_for, wait_for_training
 
 pytestmark = pytest.mark.server
 
@@ -43,19 +43,8 @@ FAST_CONF = {
 TRAIN_TIMEOUT_S = 420.0
 
 
-def _train_finished(client: MONAILabelClient) -> dict[str, Any] | None:
-    """The latest train task once nothing is running or queued, else ``None``."""
-    if client.train_status(check_if_running=True):
-        return None
-    task = client.train_status()
-    return task if task.get("status") not in ("SUBMITTED", "RUNNING") else None
-
-
 def _wait_training(client: MONAILabelClient, server: MonaiLabelServer) -> dict[str, Any]:
-    try:
-        task = wait_for(lambda: _train_finished(client), TRAIN_TIMEOUT_S, "training to finish", 2)
-    except TimeoutError as e:
-        raise AssertionError(f"{e}\n{server.log_tail()}") from None
+    task = wait_for_training(client, server, TRAIN_TIMEOUT_S)
     assert task["status"] == "DONE", f"training ended {task['status']}: {task.get('details')}"
     return task
 

@@ -122,18 +122,21 @@ def test_failed_run_leaves_the_served_model(served: Served, tmp_path: Path) -> N
     if not served.model_path.exists():
         served.task({}, served.datastore)
     studies = shutil.copytree(served.studies, tmp_path / "studies")
-    (studies / "labels" / "final" / "case_001.nii.gz").write_bytes(b"not a NIfTI file")
+    # Unreadable labels are skipped; with none left to train on, the run fails.
+    for label in (studies / "labels" / "final").glob("*.nii.gz"):
+        label.write_bytes(b"not a NIfTI file")
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     shutil.copy2(served.model_path, model_dir / "dct_seg.pt")
     before = (model_dir / "dct_seg.pt").read_bytes()
     task = _make_task(model_dir)
 
-    with pytest.raises(Exception):  # noqa: B017 - whatever reading the label raises
+    with pytest.raises(MONAILabelException, match="no usable final labels"):
         task({}, LocalDatastore(str(studies), auto_reload=False))
     assert (model_dir / "dct_seg.pt").read_bytes() == before
     stats = task.stats()
-    assert stats["status"] == "FAILED" and stats["error"]
+    assert stats["status"] == "FAILED" and "no usable final labels" in stats["error"]
+    assert "not a readable NIfTI file" in stats["skipped"]["case_001.nii.gz"]
     assert "total_time" in stats
 
 
@@ -149,13 +152,13 @@ def test_scoring_stores_disagreement_once_per_model(served: Served) -> None:
     if not served.model_path.exists():
         served.task({}, served.datastore)
     scoring = EnsembleDisagreement("dct_seg", str(served.model_path))
-    assert scoring({}, served.datastore) == {"scored": 2, "skipped": 0}
+    assert scoring({}, served.datastore) == {"scored": 2, "skipped": 0, "invalid": 0}
     for image in ("case_003", "case_004"):
         entry = served.datastore.get_image_info(image)["disagreement_dct_seg"]
         assert entry["score"] >= 0.0
         assert entry["model_ts"] == served.model_path.stat().st_mtime_ns
     assert "disagreement_dct_seg" not in served.datastore.get_image_info("case_000")
-    assert scoring({}, served.datastore) == {"scored": 0, "skipped": 2}
+    assert scoring({}, served.datastore) == {"scored": 0, "skipped": 2, "invalid": 0}
 
 
 def test_scoring_without_model(tmp_path: Path) -> None:

@@ -12,17 +12,25 @@ The app wires MONAI Label to the ``cotrain`` library: each model is an ensemble 
 submitted (final) labels plus every unlabeled image, served by soft voting; saving a final
 label starts a training run (coalescing submits that arrive meanwhile); the ``disagreement``
 strategy proposes the unlabeled image the members disagree on most.
+
+Bad input gets a clear error and changes nothing: submitted labels and uploaded images are
+checked before they are stored (``lib/datastore.py``), ids that would leave the studies folder
+are refused, and so are infer requests for files outside it (:meth:`CoTrainApp.check_infer_image`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any
 
 import monailabel
+from fastapi import HTTPException
 from lib.configs import CONFIGS, CoTrainTaskConfig
+from lib.datastore import CheckedLocalDatastore
 from lib.scheduler import TrainScheduler
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -32,6 +40,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import remove_file
+
+from cotrain.files import is_inside
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +94,30 @@ class CoTrainApp(MONAILabelApp):
         )
         self.scheduler = TrainScheduler(
             submit=lambda model: self.async_training(model, enqueue=True)
+        )
+
+    def label_values(self) -> dict[str, int]:
+        """Every label name and value any served model uses (what a final label may hold)."""
+        values: dict[str, int] = {}
+        for config in self.models.values():
+            values.update(config.labels)
+        return values
+
+    def init_datastore(self) -> Datastore:
+        """A studies folder: :class:`CheckedLocalDatastore` (validated uploads, atomic writes).
+
+        Remote datastores (DICOMweb, XNAT, DSA) are MONAI Label's own.
+        """
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        spatial_dims = {c.settings.train_config.spatial_dims for c in self.models.values()}
+        return CheckedLocalDatastore(
+            self.studies,
+            labels=self.label_values(),
+            spatial_dims=min(spatial_dims),
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -166,12 +200,15 @@ class CoTrainApp(MONAILabelApp):
         tag ``uncertainty`` (download it with ``/datastore/label?label=ID&tag=uncertainty``);
         the result params say where, with the map's mean and maximum.
         """
+        store = datastore if datastore else self.datastore()
+        image = request.get("image")
+        if isinstance(image, str):
+            self.check_infer_image(image, store)
         result = super().infer(request, datastore)
         params = result.get("params")
         uncertainty = params.get("uncertainty") if isinstance(params, dict) else None
         if isinstance(uncertainty, dict) and uncertainty.get("file"):
             file = uncertainty.pop("file")
-            store = datastore if datastore else self.datastore()
             image_id = request.get("image")
             if isinstance(image_id, str) and store.get_image_uri(image_id):
                 info = {"model": request.get("model"), "mean": uncertainty.get("mean")}
@@ -179,3 +216,33 @@ class CoTrainApp(MONAILabelApp):
                 uncertainty["tag"] = UNCERTAINTY_TAG
             remove_file(file)
         return result
+
+    def check_infer_image(self, image: str, datastore: Datastore) -> None:
+        """Refuse an infer request for anything but a datastore image or an uploaded file.
+
+        MONAI Label reads ``image`` as a file path whenever such a file exists, so without
+        this check ``?image=/any/file`` or ``../x`` would read files outside the studies
+        folder. Allowed: a datastore image id, a file inside the studies folder, a file the
+        infer endpoint itself received (it stores uploads directly in the system temporary
+        folder) and a session's image.
+
+        Raises:
+            HTTPException: 400, naming the id.
+        """
+        if datastore.get_image_uri(image):
+            return
+        if os.path.isfile(image):
+            folders = [self.studies] if os.path.isdir(self.studies) else []
+            if self._sessions is not None:
+                folders.append(self._sessions.store_path)
+            uploaded = os.path.realpath(os.path.dirname(image)) == os.path.realpath(
+                tempfile.gettempdir()
+            )
+            if uploaded or any(is_inside(image, folder) for folder in folders):
+                return
+        detail = (
+            f"image {image!r} is not an image of this server: give the id of an image in the "
+            "studies folder (paths outside it are refused)"
+        )
+        logger.warning("refused infer request: %s", detail)
+        raise HTTPException(status_code=400, detail=detail)

@@ -25,6 +25,14 @@ def image_score(info: dict[str, Any]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def image_error(info: dict[str, Any]) -> str | None:
+    """Why scoring could not segment the image (stored by the scoring method), or ``None``."""
+    for key, value in info.items():
+        if key.startswith(SCORE_KEY_PREFIX) and isinstance(value, dict) and value.get("error"):
+            return str(value["error"])
+    return None
+
+
 def last_served(info: dict[str, Any]) -> tuple[float, Any]:
     """When and to whom an image was last served by any strategy: ``(ts, client_id)``.
 
@@ -45,7 +53,8 @@ class Disagreement(Strategy):
     skipped, so two annotators do not get the same image; a request without ``client_id``
     counts as a different client each time. If every unlabeled image was served that
     recently, the one served longest ago is returned. Images not scored yet (no model, or
-    added since the last scoring) come after scored ones, in id order.
+    added since the last scoring) come after scored ones, in id order. Images that scoring
+    found cannot be segmented (unreadable, 2D, ...) are never proposed.
 
     Request params (optional): ``client_id``, ``served_timeout_s``.
 
@@ -66,14 +75,16 @@ class Disagreement(Strategy):
         """
         # Scores are written by a scoring subprocess; pick up its changes of the datastore.
         datastore.refresh()
-        images = sorted(datastore.get_unlabeled_images())
+        infos = {
+            image: datastore.get_image_info(image) for image in datastore.get_unlabeled_images()
+        }
+        images = sorted(image for image, info in infos.items() if image_error(info) is None)
         if not images:
             return None
         client_id = request.get("client_id")
         timeout = float(request.get("served_timeout_s", self.served_timeout_s))
         now = time.time()
 
-        infos = {image: datastore.get_image_info(image) for image in images}
         served = {image: last_served(info) for image, info in infos.items()}
         free = [
             image

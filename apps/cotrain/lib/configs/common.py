@@ -4,8 +4,10 @@
 :class:`cotrain.config.TrainConfig` setting may be given (``labels``, ``views``, ``roi_size``,
 ``target_spacing``, ``intensity``, ``epochs``, ``iterations_per_epoch``, ``batch_size``,
 ``learning_rate``, ``network``, ``method_params``, ...), plus the app's own settings
-``auto_train``, ``min_labels``, ``val_split`` and ``val_min_labels``. A key prefixed with a
-model name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
+``auto_train``, ``min_labels``, ``val_split``, ``val_min_labels`` and the test hook
+``test_fault_injection`` (see :mod:`lib.trainers.fault_injection`; never on a real server). A
+key prefixed with a model name (``dct_seg.epochs``) applies to that model only and wins over
+the plain key.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ class ModelSettings:
         min_labels: Final labels needed before an automatic training starts.
         val_split: Fraction of the labeled images held out for validation...
         val_min_labels: ...once at least this many labels exist (else no validation).
+        test_fault_injection: TEST HOOK: train requests may ask for a failure
+            (:mod:`lib.trainers.fault_injection`).
     """
 
     train_config: TrainConfig
@@ -145,6 +149,7 @@ class ModelSettings:
     min_labels: int = 2
     val_split: float = 0.2
     val_min_labels: int = 5
+    test_fault_injection: bool = False
 
 
 def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
@@ -195,6 +200,7 @@ def parse_model_settings(
         ("min_labels", int),
         ("val_split", float),
         ("val_min_labels", int),
+        ("test_fault_injection", parse_bool),
     ):
         raw = conf_value(conf, name, key)
         if raw is not None:
@@ -272,6 +278,7 @@ class CoTrainTaskConfig(TaskConfig):
             val_split=self.settings.val_split,
             val_min_labels=self.settings.val_min_labels,
             description=f"Co-train {self.description}",
+            test_fault_injection=self.settings.test_fault_injection,
         )
 
     def strategy(self) -> Strategy | dict[str, Strategy] | None:

@@ -1,4 +1,10 @@
-"""Infer task: the soft vote of every ensemble member, returned on the image's own grid."""
+"""Infer task: the soft vote of every ensemble member, returned on the image's own grid.
+
+The served model file is verified (content digest) when loaded; if it cannot be used, the
+previous published model (``NAME.prev.pt``) is served instead, and the response says which
+file answered. One prediction runs at a time per model, so memory stays that of one image
+however many requests arrive together.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import name_to_device
 
+from cotrain.checkpoint import CorruptModelError
 from cotrain.ensemble import EnsemblePredictor
+from cotrain.validation import InvalidImageError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +42,9 @@ class EnsembleInfer(InferTask):
 
     The served model file is checked on every request; a newly published ensemble (another
     modification time, size or inode) is loaded without a restart. Before any model was
-    published, a request fails with HTTP 503 and a message saying so.
+    published, a request fails with HTTP 503 and a message saying so; likewise when neither
+    the model file nor its previous version verifies. An image that cannot be segmented
+    (unreadable, 2D, empty, NaN voxels) fails with HTTP 422 naming the problem.
 
     Request params (optional): ``uncertainty`` (true: also compute the members' per-voxel
     disagreement; the app stores it in the datastore under the label tag ``uncertainty``),
@@ -63,8 +73,10 @@ class EnsembleInfer(InferTask):
         )
         self.path = path
         self._lock = threading.Lock()
+        self._predict_lock = threading.Lock()
         self._predictor: EnsemblePredictor | None = None
         self._loaded_key: tuple[int, int, int, str] | None = None
+        self._loaded_mtime_ns = 0
 
     def is_valid(self) -> bool:
         """Always listed in ``/info``: the model exists as soon as training publishes it."""
@@ -78,10 +90,11 @@ class EnsembleInfer(InferTask):
         """The predictor of the current model file, reloaded if the file changed.
 
         Returns:
-            The predictor and the modification time (ns) of the file it was loaded from.
+            The predictor and the modification time (ns) of the file it was loaded from
+            (the served file, or its previous version if the served one does not verify).
 
         Raises:
-            HTTPException: 503 if no model has been published yet.
+            HTTPException: 503 if no model has been published yet, or none verifies.
         """
         with self._lock:
             try:
@@ -98,9 +111,28 @@ class EnsembleInfer(InferTask):
             key = (s.st_mtime_ns, s.st_size, s.st_ino, device)
             if self._predictor is None or key != self._loaded_key:
                 logger.info("loading ensemble %s on %s", self.path, device)
-                self._predictor = EnsemblePredictor.load(self.path, device=device)
+                try:
+                    predictor = EnsemblePredictor.load(self.path, device=device, fallback=True)
+                except CorruptModelError as e:
+                    if self._predictor is not None:
+                        logger.error(
+                            "cannot load %s (%s); still serving the loaded model", self.path, e
+                        )
+                        self._loaded_key = key
+                        return self._predictor, self._loaded_mtime_ns
+                    logger.error("cannot serve %s: %s", self.path, e)
+                    raise HTTPException(
+                        status_code=503,
+                        detail=(
+                            f"Model '{os.path.basename(self.path)}' cannot be served: {e}. "
+                            "Retrain (submit a label or start training) to publish a new one."
+                        ),
+                    ) from None
+                self._predictor = predictor
                 self._loaded_key = key
-            return self._predictor, key[0]
+                source = predictor.source or self.path
+                self._loaded_mtime_ns = os.stat(source).st_mtime_ns
+            return self._predictor, self._loaded_mtime_ns
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
         """Predict ``request["image"]`` (a file path) and write the label as NIfTI.
@@ -118,20 +150,25 @@ class EnsembleInfer(InferTask):
         predictor, mtime_ns = self.predictor(name_to_device(request.get("device")))
         loaded = time.time()
 
-        prediction = predictor.predict_file(image)
-        predicted = time.time()
-
-        label_file = _temp_nifti()
-        uncertainty_file = None
-        if _is_true(request.get("uncertainty", False)):
-            uncertainty_file = _temp_nifti()
-        predictor.write_prediction(prediction, label_file, uncertainty_file)
+        with self._predict_lock:
+            try:
+                prediction = predictor.predict_file(image)
+            except InvalidImageError as e:
+                raise HTTPException(status_code=422, detail=f"cannot segment: {e}") from None
+            predicted = time.time()
+            label_file = _temp_nifti()
+            uncertainty_file = None
+            if _is_true(request.get("uncertainty", False)):
+                uncertainty_file = _temp_nifti()
+            predictor.write_prediction(prediction, label_file, uncertainty_file)
         end = time.time()
 
+        source = predictor.source or self.path
         result: dict[str, Any] = {
             "label_names": predictor.labels,
             "model": {
                 "name": os.path.basename(self.path),
+                "file": os.path.basename(source),
                 "modified_time": mtime_ns // 1_000_000_000,
                 "mtime_ns": mtime_ns,
             },

@@ -7,6 +7,9 @@ image's datastore info under ``disagreement_MODEL``::
     {"score": 0.0123, "model_ts": 1700000000123456789, "ts": 1700000000}
 
 An image already scored with the current model file is skipped, so repeated runs are cheap.
+An image that cannot be segmented (unreadable, 2D, empty, NaN voxels) gets
+``{"score": null, "error": REASON, ...}`` instead, and the ``disagreement`` strategy never
+proposes it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
 from cotrain.ensemble import EnsemblePredictor
+from cotrain.validation import InvalidImageError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ class EnsembleDisagreement(ScoringMethod):
             return {"scored": 0, "skipped": 0, "reason": "no model published yet"}
         model_ts = os.stat(self.path).st_mtime_ns
         predictor: EnsemblePredictor | None = None
-        scored, skipped = 0, 0
+        scored, skipped, invalid = 0, 0, 0
         start = time.time()
         for image_id in sorted(datastore.get_unlabeled_images()):
             info = datastore.get_image_info(image_id).get(self.key) or {}
@@ -66,21 +70,27 @@ class EnsembleDisagreement(ScoringMethod):
                 continue
             if predictor is None:
                 predictor = EnsemblePredictor.load(
-                    self.path, device=name_to_device(request.get("device"))
+                    self.path, device=name_to_device(request.get("device")), fallback=True
                 )
-            score = predictor.mean_disagreement(datastore.get_image_uri(image_id))
+            entry: dict[str, Any] = {"model_ts": model_ts, "ts": int(time.time())}
+            try:
+                entry["score"] = predictor.mean_disagreement(datastore.get_image_uri(image_id))
+                scored += 1
+            except InvalidImageError as e:
+                logger.warning("%s: not scoring %s: %s", self.name, image_id, e)
+                entry.update({"score": None, "error": str(e)})
+                invalid += 1
             # Other processes (the server, a training run) write the datastore file too:
             # reload it just before writing so their changes are kept.
             datastore.refresh()
-            datastore.update_image_info(
-                image_id, {self.key: {"score": score, "model_ts": model_ts, "ts": int(time.time())}}
-            )
-            scored += 1
+            datastore.update_image_info(image_id, {self.key: entry})
         logger.info(
-            "%s: scored %d unlabeled images in %.1fs (%d already scored with this model)",
+            "%s: scored %d unlabeled images in %.1fs (%d already scored with this model, "
+            "%d cannot be segmented)",
             self.name,
             scored,
             time.time() - start,
             skipped,
+            invalid,
         )
-        return {"scored": scored, "skipped": skipped}
+        return {"scored": scored, "skipped": skipped, "invalid": invalid}

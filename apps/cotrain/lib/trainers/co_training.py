@@ -4,9 +4,21 @@ MONAI Label runs a train task in a subprocess (``monailabel.interfaces.utils.app
 one at a time. The server reads the task's progress from ``train_stats.json`` (``stats()``,
 shown in ``/info`` and by Slicer's progress bar), which this task rewrites atomically while it
 runs. Each run trains into its own folder ``WORK_DIR/runs/RUN_ID``; only when the library
-has written that run's ``model.pt`` is it moved over the served model with ``os.replace``,
-so every member is published together and a failed or stopped run leaves the served
-model as it was.
+has written that run's ``model.pt`` is it published over the served model with
+:func:`cotrain.checkpoint.publish_model` (verified, previous model kept as ``NAME.prev.pt``,
+one rename), so every member is published together and a failed or stopped run leaves the
+served model as it was.
+
+What can go wrong, and what the stats then say:
+
+- an image or label that cannot be used (unreadable, 2D, empty, wrong grid, bad values): the
+  case is skipped, with its reason in the log and under ``skipped`` in the stats;
+- an exception or a NaN loss: ``status`` ``FAILED`` with the reason under ``error``; the
+  subprocess exits non-zero, so MONAI Label's train task reads ``ERROR`` with the same reason
+  in its last output lines;
+- the subprocess killed (SIGKILL, out of memory, server stopped): it cannot write anything,
+  so :meth:`CoTrainTask.stats` reports ``FAILED`` once the process recorded in the stats
+  (``pid``) no longer runs.
 """
 
 from __future__ import annotations
@@ -18,22 +30,45 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
+from cotrain.checkpoint import publish_model
 from cotrain.config import TrainConfig
 from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
+from cotrain.files import atomic_write
+from cotrain.validation import check_cases
+from lib.trainers.fault_injection import FaultInjector, requested_fault
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "train_stats.json"
+#: Verdicts of earlier image and label checks (see :func:`cotrain.validation.check_cases`).
+CASE_CHECKS_FILE = "case_checks.json"
+
+
+def process_start_time(pid: int | None = None) -> float:
+    """When process ``pid`` (default: this one) started, in seconds since the epoch."""
+    return psutil.Process(pid).create_time()
+
+
+def process_running(pid: Any, started: Any) -> bool:
+    """Whether process ``pid`` that started at ``started`` still runs (not a reused pid, not a
+    zombie)."""
+    try:
+        process = psutil.Process(int(pid))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(process.create_time() - float(started)) < 1.0
+    except (psutil.Error, TypeError, ValueError):
+        return False
 
 
 def _json_safe(value: Any) -> Any:
@@ -54,23 +89,16 @@ def _describe(error: BaseException) -> str:
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        parts.append(f"{type(current).__name__}: {current}")
+        message = getattr(current, "msg", None) or str(current)  # MONAILabelException: msg
+        parts.append(f"{type(current).__name__}: {message}")
         current = current.__cause__ or current.__context__
     return " <- ".join(parts)
 
 
 def write_json_atomically(data: dict[str, Any], path: str | Path) -> None:
     """Write ``data`` as JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(data), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(_json_safe(data), f, indent=2)
 
 
 class TrainStatsWriter(TrainCallback):
@@ -211,6 +239,8 @@ class CoTrainTask(TrainTask):
         val_min_labels: Least number of labels before any is held out.
         keep_runs: Run folders kept (the newest); older ones are removed at the next run.
         description: ``/info`` description.
+        test_fault_injection: TEST HOOK: honour ``test_fault`` in train requests (see
+            :mod:`lib.trainers.fault_injection`).
     """
 
     def __init__(
@@ -223,6 +253,7 @@ class CoTrainTask(TrainTask):
         val_min_labels: int = 5,
         keep_runs: int = 2,
         description: str = "",
+        test_fault_injection: bool = False,
     ) -> None:
         super().__init__(description or f"Co-train {name}")
         self.name = name
@@ -232,6 +263,7 @@ class CoTrainTask(TrainTask):
         self.val_split = val_split
         self.val_min_labels = val_min_labels
         self.keep_runs = keep_runs
+        self.test_fault_injection = test_fault_injection
         self.stats_path = self.work_dir / STATS_FILE
 
     def config(self) -> dict[str, Any]:
@@ -247,12 +279,28 @@ class CoTrainTask(TrainTask):
         return {**super().info(), "labels": dict(self.train_config.labels)}
 
     def stats(self) -> dict[str, Any]:
-        """The latest stats written by a run (empty before any run)."""
+        """The latest stats written by a run (empty before any run).
+
+        A run whose process ended without writing its outcome (killed, or the server stopped
+        during training) is reported ``FAILED`` with the reason; the file is left for the next
+        run to overwrite.
+        """
         try:
             with open(self.stats_path) as f:
-                return json.load(f)
+                stats = json.load(f)
         except (OSError, ValueError):
             return {}
+        if stats.get("status") == "RUNNING" and not process_running(
+            stats.get("pid"), stats.get("pid_started")
+        ):
+            stats["status"] = "FAILED"
+            stats["error"] = (
+                f"the training process (pid {stats.get('pid')}) ended without reporting a "
+                "result: it was killed (e.g. SIGKILL or out of memory) or the server stopped "
+                "during training; the served model is unchanged"
+            )
+            stats["total_time"] = stats.pop("current_time", "0:00:00")
+        return stats
 
     def run_config(self, request: dict[str, Any]) -> TrainConfig:
         """This run's configuration: the model's, with the request's epochs."""
@@ -265,6 +313,9 @@ class CoTrainTask(TrainTask):
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         """Train on the datastore's final labels and unlabeled images, then publish.
 
+        Images and labels that cannot be used are skipped (``skipped`` in the stats says
+        why). Any failure is written to the stats (``FAILED`` and ``error``) and re-raised.
+
         Args:
             request: Train request (see the class docstring).
             datastore: The studies.
@@ -273,11 +324,85 @@ class CoTrainTask(TrainTask):
             The final train stats.
 
         Raises:
-            MONAILabelException: If there is no final label to train on.
+            MONAILabelException: If there is no usable final label to train on.
             Exception: Whatever the training raised; the served model is then unchanged.
         """
         logger.info("train request for %s: %s", self.name, request)
-        config = self.run_config(request)
+        run_id = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
+        writer = TrainStatsWriter(
+            self.stats_path,
+            {
+                "name": self.name,
+                "run_id": run_id,
+                "pid": os.getpid(),
+                "pid_started": process_start_time(),
+            },
+        )
+        writer.write(None)
+        trainer: Trainer | None = None
+        try:
+            config = self.run_config(request)
+            fault = requested_fault(request, self.test_fault_injection)
+            writer.info.update({"method": config.method, "total_epochs": config.epochs})
+            train, validation, unlabeled = self._cases(request, datastore, config, writer)
+
+            pretrained = request.get("pretrained", True)
+            pretrained = (
+                pretrained if isinstance(pretrained, bool) else str(pretrained).lower() == "true"
+            )
+            init_model = self.model_path if pretrained and self.model_path.exists() else None
+            device = name_to_device(request.get("device"))
+            writer.info.update({"warm_start": init_model is not None, "device": str(device)})
+            writer.write(None)
+
+            run_dir = self.work_dir / "runs" / run_id
+            self._remove_old_runs(run_dir.parent)
+            logger.info(
+                "%s: run %s on %s: %d labeled, %d validation, %d unlabeled; warm start: %s",
+                self.name,
+                run_id,
+                device,
+                len(train),
+                len(validation),
+                len(unlabeled),
+                init_model,
+            )
+            trainer = Trainer(
+                config,
+                train,
+                unlabeled,
+                run_dir,
+                validation=validation or None,
+                callbacks=[writer],
+                init_model=init_model,
+                device=device,
+            )
+            if fault is not None:
+                trainer.callbacks.append(FaultInjector(fault, trainer))
+            state = trainer.fit()
+            published = publish_model(run_dir / MODEL_FILE, self.model_path)
+        except BaseException as e:
+            reason = _describe(e)
+            writer.write(trainer.state if trainer else None, status="FAILED", error=reason)
+            logger.error(
+                "%s: run %s failed; the served model is unchanged: %s", self.name, run_id, reason
+            )
+            raise
+        return writer.write(state, status="DONE", published=str(published))
+
+    def _cases(
+        self,
+        request: dict[str, Any],
+        datastore: Datastore,
+        config: TrainConfig,
+        writer: TrainStatsWriter,
+    ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+        """The usable ``(train, validation, unlabeled)`` cases; the others are logged and
+        listed in the stats under ``skipped`` (image file name -> reason).
+
+        Raises:
+            MONAILabelException: If no usable final label is left.
+        """
         labeled = sorted(datastore.datalist(), key=lambda c: c["image"])
         labeled_images = {c["image"] for c in labeled}
         unlabeled = [
@@ -285,77 +410,32 @@ class CoTrainTask(TrainTask):
             for uri in sorted(datastore.get_image_uri(i) for i in datastore.get_unlabeled_images())
             if uri and uri not in labeled_images
         ]
+        checks_path = self.work_dir / CASE_CHECKS_FILE
+        try:
+            known = json.loads(checks_path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        dims = config.spatial_dims
+        labeled, skipped, verdicts = check_cases(labeled, config.labels, dims, known)
+        unlabeled, skipped_unlabeled, unlabeled_verdicts = check_cases(unlabeled, None, dims, known)
+        skipped.update(skipped_unlabeled)
+        write_json_atomically({**verdicts, **unlabeled_verdicts}, checks_path)
+        skipped_names = {os.path.basename(image): reason for image, reason in skipped.items()}
+        for name, reason in skipped_names.items():
+            logger.warning("%s: skipping %s: %s", self.name, name, reason)
+        writer.info["skipped"] = skipped_names
         if not labeled:
-            raise MONAILabelException(
-                MONAILabelError.APP_TRAIN_FAILED,
-                f"{self.name}: no final labels in the datastore; submit at least one label",
-            )
+            message = f"{self.name}: no final labels in the datastore; submit at least one label"
+            if skipped_names:
+                detail = "; ".join(f"{k}: {v}" for k, v in skipped_names.items())
+                message = f"{self.name}: no usable final labels (skipped: {detail})"
+            raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, message)
         val_split = float(request.get("val_split", self.val_split))
         train, validation = split_validation(labeled, val_split, self.val_min_labels, config.seed)
-
-        pretrained = request.get("pretrained", True)
-        pretrained = (
-            pretrained if isinstance(pretrained, bool) else str(pretrained).lower() == "true"
+        writer.info.update(
+            {"labeled": len(train), "validation": len(validation), "unlabeled": len(unlabeled)}
         )
-        init_model = self.model_path if pretrained and self.model_path.exists() else None
-        device = name_to_device(request.get("device"))
-
-        run_id = datetime.datetime.now().strftime("%Y%m%d_%H%M%S_%f")
-        runs_dir = self.work_dir / "runs"
-        run_dir = runs_dir / run_id
-        self._remove_old_runs(runs_dir)
-        writer = TrainStatsWriter(
-            self.stats_path,
-            {
-                "name": self.name,
-                "method": config.method,
-                "run_id": run_id,
-                "total_epochs": config.epochs,
-                "labeled": len(train),
-                "validation": len(validation),
-                "unlabeled": len(unlabeled),
-                "warm_start": init_model is not None,
-                "device": str(device),
-            },
-        )
-        writer.write(None)
-        logger.info(
-            "%s: run %s on %s: %d labeled, %d validation, %d unlabeled; warm start: %s",
-            self.name,
-            run_id,
-            device,
-            len(train),
-            len(validation),
-            len(unlabeled),
-            init_model,
-        )
-        trainer = Trainer(
-            config,
-            train,
-            unlabeled,
-            run_dir,
-            validation=validation or None,
-            callbacks=[writer],
-            init_model=init_model,
-            device=device,
-        )
-        try:
-            state = trainer.fit()
-            published = self._publish(run_dir / MODEL_FILE)
-        except BaseException as e:
-            writer.write(trainer.state, status="FAILED", error=_describe(e))
-            logger.exception("%s: run %s failed; the served model is unchanged", self.name, run_id)
-            raise
-        return writer.write(state, status="DONE", published=str(published))
-
-    def _publish(self, run_model: Path) -> Path:
-        """Move a finished run's model over the served one (one atomic rename)."""
-        if not run_model.is_file():
-            raise FileNotFoundError(f"training finished without writing {run_model}")
-        self.model_path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(run_model, self.model_path)
-        logger.info("%s: published %s", self.name, self.model_path)
-        return self.model_path
+        return train, validation, unlabeled
 
     def _remove_old_runs(self, runs_dir: Path) -> None:
         """Keep the newest ``keep_runs - 1`` run folders, making room for the new one."""
