@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         with MonaiLabelServer(
             ROOT / "apps" / "cotrain", studies.folder, conf, work / "server.log"
         ).start() as server:
-            client = MONAILabelClient(server.url)
+            # A private folder: the client names a result after the server's temporary file, and
+            # on one machine the server's clean-up of /tmp would delete the client's copy.
+            client = MONAILabelClient(server.url, tmpdir=str(work / "client"))
             submitted_at = time.monotonic()
             for name in to_submit:
                 response = client.save_label(name, cases[name]["label"])
