@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -35,7 +34,7 @@ from cotrain.config import TrainConfig
 from cotrain.data import list_msd_cases
 from cotrain.engine import MODEL_FILE, Trainer
 from cotrain.ensemble import EnsemblePredictor
-from cotrain.metrics import dice_and_hd95
+from cotrain.metrics import dice_and_hd95, load_reference, mean_over_cases
 
 logger = logging.getLogger("bench.quality")
 
@@ -149,9 +148,7 @@ def run_one(
         vote, members = [], []
         for case in test:
             prediction = predictor.predict_file(case["image"], members=True)
-            reference_image = nib.load(case["label"])
-            reference = np.asarray(reference_image.dataobj).astype(np.int64)
-            spacing = tuple(float(s) for s in reference_image.header.get_zooms()[:3])
+            reference, spacing, _ = load_reference(case["label"])
             vote.append(dice_and_hd95(prediction.label, reference, profile.labels, spacing))
             members.append(
                 [
@@ -159,35 +156,24 @@ def run_one(
                     for m in prediction.member_labels
                 ]
             )
+    vote_summary = mean_over_cases(vote, profile.labels)
+    member_summaries = [
+        mean_over_cases([m[i] for m in members], profile.labels) for i in range(len(members[0]))
+    ]
     return {
         "method": method_spec,
         "labeled": len(labeled),
         "seed": seed,
-        "vote_dice": mean_over_classes(vote, "dice"),
-        "vote_hd95": mean_over_classes(vote, "hd95"),
-        "member_dice": float(
-            np.mean(
-                [mean_over_classes([m[i] for m in members], "dice") for i in range(len(members[0]))]
-            )
-        ),
-        "vote_dice_per_class": {c: mean_metric(vote, "dice", c) for c in profile.labels},
+        "vote_dice": vote_summary["mean_dice"],
+        "vote_hd95": vote_summary["mean_hd95"],
+        "member_dice": float(np.mean([m["mean_dice"] for m in member_summaries])),
+        "vote_dice_per_class": vote_summary["dice"],
         "train_seconds": round(train_seconds, 1),
         "seconds_per_iteration": round(
             train_seconds / (config.epochs * config.iterations_per_epoch), 3
         ),
         "final_losses": state.losses,
     }
-
-
-def mean_metric(results: list[dict], metric: str, label: str) -> float | None:
-    values = [r[metric][label] for r in results if r[metric][label] is not None]
-    return float(np.mean(values)) if values else None
-
-
-def mean_over_classes(results: list[dict], metric: str) -> float | None:
-    labels = list(results[0][metric])
-    values = [v for v in (mean_metric(results, metric, label) for label in labels) if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 def summarise(rows: list[dict], output: Path, profile_name: str) -> None:

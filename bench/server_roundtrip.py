@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cotrain.data import list_msd_cases  # noqa: E402
-from cotrain.metrics import dice_and_hd95  # noqa: E402
+from cotrain.metrics import dice_and_hd95, load_reference, mean_over_cases  # noqa: E402
 from cotrain.studies import import_msd_studies  # noqa: E402
 from tests.app_helpers import MonaiLabelServer, wait_for  # noqa: E402
 
@@ -92,18 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.monotonic()
                 label_file, _ = client.infer(args.model, name, {})
                 infer_seconds.append(time.monotonic() - start)
-                reference_image = nib.load(cases[name]["label"])
-                reference = np.asarray(reference_image.dataobj).astype(np.int64)
+                reference, spacing, affine = load_reference(cases[name]["label"])
                 predicted = nib.load(label_file)
-                assert predicted.shape == reference.shape and np.allclose(
-                    predicted.affine, reference_image.affine
-                )
-                spacing = tuple(float(s) for s in reference_image.header.get_zooms()[:3])
+                assert predicted.shape == reference.shape and np.allclose(predicted.affine, affine)
                 results.append(
                     dice_and_hd95(np.asarray(predicted.dataobj), reference, labels, spacing)
                 )
                 Path(label_file).unlink(missing_ok=True)
-    dice = {name: float(np.mean([r["dice"][name] for r in results])) for name in labels}
+    dice = mean_over_cases(results, labels)["dice"]
     report = {
         "data": str(args.data),
         "model": args.model,

@@ -26,7 +26,7 @@ from cotrain.data import list_msd_cases, read_case_list
 from cotrain.distributed import init_from_environment, is_main_process, shutdown
 from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
 from cotrain.ensemble import EnsemblePredictor
-from cotrain.metrics import dice_and_hd95
+from cotrain.metrics import dice_and_hd95, load_reference, mean_over_cases
 
 logger = logging.getLogger("cotrain")
 
@@ -201,9 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     per_case = []
     for case in tqdm(cases, desc="evaluate", unit="case"):
         prediction = predictor.predict_file(case["image"], members=True)
-        reference_image = nib.load(case["label"])
-        reference = np.asarray(reference_image.dataobj).astype(np.int64)
-        spacing = tuple(float(s) for s in reference_image.header.get_zooms()[: reference.ndim])
+        reference, spacing, _ = load_reference(case["label"])
         per_case.append(
             {
                 "name": case["name"],
@@ -214,24 +212,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             }
         )
 
-    def summary(
-        results: list[dict[str, dict[str, float | None]]],
-    ) -> dict[str, dict[str, float | None]]:
-        out: dict[str, dict[str, float | None]] = {"dice": {}, "hd95": {}}
-        for metric in out:
-            for name in labels:
-                values = [r[metric][name] for r in results if r[metric][name] is not None]
-                out[metric][name] = float(np.mean(values)) if values else None
-        out["mean_dice"] = float(np.mean(list(out["dice"].values())))
-        return out
-
     k = len(per_case[0]["members"])
     report = {
         "model": str(_model_path(args.model)),
         "method": predictor.config.method,
         "cases": len(per_case),
-        "vote": summary([c["vote"] for c in per_case]),
-        "members": [summary([c["members"][i] for c in per_case]) for i in range(k)],
+        "vote": mean_over_cases([c["vote"] for c in per_case], labels),
+        "members": [mean_over_cases([c["members"][i] for c in per_case], labels) for i in range(k)],
     }
     report["member_mean_dice"] = float(np.mean([m["mean_dice"] for m in report["members"]]))
     if args.per_case:
