@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
@@ -361,15 +361,20 @@ class Trainer:
         self.state.losses["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
 
     @torch.no_grad()
+    def _case_dice(self, logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        """Dice per foreground class of one case's prediction (NaN where the class is absent)."""
+        prediction = one_hot(logits.argmax(1, keepdim=True), self.config.num_classes)
+        return compute_dice(prediction, target, include_background=False)[0].cpu().numpy()
+
     def _validate(self) -> None:
         """Dice of each member and of the soft vote on the validation cases (whole volumes)."""
         c = self.config
         self.ensemble.eval()
         transform = preprocessing(c, keys=("image", "label"))
-        members = [
-            DiceMetric(include_background=False, reduction="mean_batch") for _ in range(c.views)
-        ]
-        vote_metric = DiceMetric(include_background=False, reduction="mean_batch")
+        # Per-case Dice (k members + the vote) x classes. MONAI's DiceMetric.aggregate() would
+        # all-gather across processes, and only rank 0 validates: it would wait forever.
+        member_scores: list[list[np.ndarray]] = [[] for _ in range(c.views)]
+        vote_scores: list[np.ndarray] = []
         disagreements = []
         for case in self.validation:
             data = transform({"image": case["image"], "label": case["label"]})
@@ -377,11 +382,11 @@ class Trainer:
             target = one_hot(data["label"].as_tensor().unsqueeze(0).to(self.device), c.num_classes)
             with torch.autocast(self.device.type, enabled=self.use_amp):
                 logits = member_logits_sliding_window(self.ensemble, image, c.roi_size)
-            for metric, member_logits in zip(members, logits, strict=True):
-                metric(one_hot(member_logits.argmax(1, keepdim=True), c.num_classes), target)
-            vote_metric(one_hot(soft_vote(logits).argmax(1, keepdim=True), c.num_classes), target)
+            for scores, member_logits in zip(member_scores, logits, strict=True):
+                scores.append(self._case_dice(member_logits, target))
+            vote_scores.append(self._case_dice(soft_vote(logits), target))
             disagreements.append(float(jensen_shannon_map(logits).mean()))
-        per_class = vote_metric.aggregate().cpu().numpy()
+        per_class = np.nanmean(np.stack(vote_scores), axis=0)
         names = sorted(c.labels, key=c.labels.get)
         vote_dice = float(np.nanmean(per_class))
         self.state.metrics = {
@@ -389,7 +394,9 @@ class Trainer:
             "vote_dice_per_class": {
                 name: float(v) for name, v in zip(names, per_class, strict=True)
             },
-            "member_dice": [float(np.nanmean(m.aggregate().cpu().numpy())) for m in members],
+            "member_dice": [
+                float(np.nanmean(np.nanmean(np.stack(m), axis=0))) for m in member_scores
+            ],
             "disagreement": float(np.mean(disagreements)),
         }
         if vote_dice > self.state.best_metric:

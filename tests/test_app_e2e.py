@@ -163,6 +163,16 @@ def test_app_end_to_end(tmp_path: Path) -> None:
         _, params = client.infer("dct_seg", "case_007", {})
         assert params["model"]["mtime_ns"] > first_model["mtime_ns"], "new model not served"
 
+        # The multi-GPU path (one process per GPU, gradients averaged) through the server's
+        # train API, as 2 gloo processes on this CPU: rank 0 reports and publishes.
+        client.train_start("dct_seg", {"processes": 2, "device": "cpu", "max_epochs": 1})
+        _wait_training(client, server)
+        stats = client.info()["train_stats"]["dct_seg"]
+        assert stats["processes"] == 2 and stats["epoch"] == stats["total_epochs"] == 1
+        second_model = params["model"]
+        _, params = client.infer("dct_seg", "case_007", {})
+        assert params["model"]["mtime_ns"] > second_model["mtime_ns"], "2-process model not served"
+
 
 def test_app_serves_all_models(tmp_path: Path) -> None:
     studies = write_demo_studies(

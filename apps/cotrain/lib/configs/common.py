@@ -140,6 +140,8 @@ class ModelSettings:
         min_labels: Final labels needed before an automatic training starts.
         val_split: Fraction of the labeled images held out for validation...
         val_min_labels: ...once at least this many labels exist (else no validation).
+        processes: Training processes (0: one per GPU when there are several, else 1; on a
+            CPU-only server N > 1 trains with N gloo processes).
         test_fault_injection: TEST HOOK: train requests may ask for a failure
             (:mod:`lib.trainers.fault_injection`).
     """
@@ -149,6 +151,7 @@ class ModelSettings:
     min_labels: int = 2
     val_split: float = 0.2
     val_min_labels: int = 5
+    processes: int = 0
     test_fault_injection: bool = False
 
 
@@ -200,6 +203,7 @@ def parse_model_settings(
         ("min_labels", int),
         ("val_split", float),
         ("val_min_labels", int),
+        ("processes", int),
         ("test_fault_injection", parse_bool),
     ):
         raw = conf_value(conf, name, key)
@@ -211,6 +215,8 @@ def parse_model_settings(
     settings = ModelSettings(train_config=train_config, **app)
     if settings.min_labels < 1:
         raise ValueError(f"--conf min_labels must be >= 1, got {settings.min_labels}")
+    if settings.processes < 0:
+        raise ValueError(f"--conf processes must be >= 0, got {settings.processes}")
     if not 0.0 <= settings.val_split < 1.0:
         raise ValueError(f"--conf val_split must be in [0, 1), got {settings.val_split}")
     return settings
@@ -277,6 +283,7 @@ class CoTrainTaskConfig(TaskConfig):
             train_config=self.settings.train_config,
             val_split=self.settings.val_split,
             val_min_labels=self.settings.val_min_labels,
+            processes=self.settings.processes,
             description=f"Co-train {self.description}",
             test_fault_injection=self.settings.test_fault_injection,
         )

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
@@ -44,6 +45,7 @@ from cotrain.checkpoint import publish_model
 from cotrain.config import TrainConfig
 from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
 from cotrain.files import atomic_write
+from cotrain.launch import process_count, train_in_processes
 from cotrain.validation import check_cases
 from lib.trainers.fault_injection import FaultInjector, requested_fault
 
@@ -93,6 +95,12 @@ def _describe(error: BaseException) -> str:
         parts.append(f"{type(current).__name__}: {message}")
         current = current.__cause__ or current.__context__
     return " <- ".join(parts)
+
+
+def request_flag(request: dict[str, Any], key: str, default: bool) -> bool:
+    """A yes/no train option: JSON booleans, or strings such as ``"true"``/``"false"``."""
+    value = request.get(key, default)
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
 
 
 def write_json_atomically(data: dict[str, Any], path: str | Path) -> None:
@@ -228,7 +236,10 @@ class CoTrainTask(TrainTask):
     """MONAI Label train task running :class:`cotrain.engine.Trainer`.
 
     Request keys (all optional): ``max_epochs`` (or ``epochs``), ``pretrained`` (warm start
-    from the served model, default true), ``val_split``, ``device``.
+    from the served model, default true), ``val_split``, ``device``, and MONAI Label's
+    multi-GPU options ``multi_gpu`` (default true: one process per GPU when there are several)
+    and ``gpus`` (``"all"`` or indices such as ``"0,1"``), plus ``processes`` (a number of
+    processes; on CPU, N > 1 trains with N gloo processes, the multi-GPU code path).
 
     Args:
         name: Model name.
@@ -238,6 +249,8 @@ class CoTrainTask(TrainTask):
         val_split: Default fraction of labels held out for validation.
         val_min_labels: Least number of labels before any is held out.
         keep_runs: Run folders kept (the newest); older ones are removed at the next run.
+        processes: Default number of training processes (0: one per GPU, see
+            :func:`cotrain.launch.process_count`).
         description: ``/info`` description.
         test_fault_injection: TEST HOOK: honour ``test_fault`` in train requests (see
             :mod:`lib.trainers.fault_injection`).
@@ -252,6 +265,7 @@ class CoTrainTask(TrainTask):
         val_split: float = 0.2,
         val_min_labels: int = 5,
         keep_runs: int = 2,
+        processes: int = 0,
         description: str = "",
         test_fault_injection: bool = False,
     ) -> None:
@@ -263,6 +277,7 @@ class CoTrainTask(TrainTask):
         self.val_split = val_split
         self.val_min_labels = val_min_labels
         self.keep_runs = keep_runs
+        self.processes = processes
         self.test_fault_injection = test_fault_injection
         self.stats_path = self.work_dir / STATS_FILE
 
@@ -272,6 +287,8 @@ class CoTrainTask(TrainTask):
             "max_epochs": self.train_config.epochs,
             "pretrained": True,
             "val_split": self.val_split,
+            "multi_gpu": True,
+            "gpus": "all",
         }
 
     def info(self) -> dict[str, Any]:
@@ -346,40 +363,55 @@ class CoTrainTask(TrainTask):
             writer.info.update({"method": config.method, "total_epochs": config.epochs})
             train, validation, unlabeled = self._cases(request, datastore, config, writer)
 
-            pretrained = request.get("pretrained", True)
-            pretrained = (
-                pretrained if isinstance(pretrained, bool) else str(pretrained).lower() == "true"
-            )
+            pretrained = request_flag(request, "pretrained", True)
             init_model = self.model_path if pretrained and self.model_path.exists() else None
-            device = name_to_device(request.get("device"))
-            writer.info.update({"warm_start": init_model is not None, "device": str(device)})
+            device = torch.device(name_to_device(request.get("device")))
+            processes, gpus = process_count(
+                device.type,
+                int(request.get("processes", self.processes)),
+                request_flag(request, "multi_gpu", True),
+                request.get("gpus", "all"),
+            )
+            writer.info.update(
+                {
+                    "warm_start": init_model is not None,
+                    "device": str(device),
+                    "processes": processes,
+                }
+            )
             writer.write(None)
 
             run_dir = self.work_dir / "runs" / run_id
             self._remove_old_runs(run_dir.parent)
             logger.info(
-                "%s: run %s on %s: %d labeled, %d validation, %d unlabeled; warm start: %s",
+                "%s: run %s on %s x %d: %d labeled, %d validation, %d unlabeled; warm start: %s",
                 self.name,
                 run_id,
                 device,
+                processes,
                 len(train),
                 len(validation),
                 len(unlabeled),
                 init_model,
             )
-            trainer = Trainer(
-                config,
-                train,
-                unlabeled,
-                run_dir,
-                validation=validation or None,
-                callbacks=[writer],
-                init_model=init_model,
-                device=device,
-            )
-            if fault is not None:
-                trainer.callbacks.append(FaultInjector(fault, trainer))
-            state = trainer.fit()
+            trainer_kwargs = {
+                "config": config,
+                "labeled": train,
+                "unlabeled": unlabeled,
+                "output_dir": run_dir,
+                "validation": validation or None,
+                "callbacks": [writer],
+                "init_model": init_model,
+            }
+            if processes > 1:
+                if fault is not None:
+                    raise ValueError("test_fault needs a single training process")
+                state = train_in_processes(processes, trainer_kwargs, device.type, gpus)
+            else:
+                trainer = Trainer(**trainer_kwargs, device=device)
+                if fault is not None:
+                    trainer.callbacks.append(FaultInjector(fault, trainer))
+                state = trainer.fit()
             published = publish_model(run_dir / MODEL_FILE, self.model_path)
         except BaseException as e:
             reason = _describe(e)
