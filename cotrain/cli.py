@@ -1,10 +1,11 @@
-"""Command line: ``cotrain train | evaluate | predict | studies``.
+"""Command line: ``cotrain train | evaluate | predict | export-bundle | studies``.
 
 Examples::
 
     cotrain train --method dct_seg --data ../shared/data/hippocampus --labeled 10 --output runs/hippo
     cotrain evaluate --model runs/hippo --data ../shared/data/hippocampus --cases test.txt
     cotrain predict --model runs/hippo --image X.nii.gz --output X_label.nii.gz --uncertainty X_unc.nii.gz
+    cotrain export-bundle --model runs/hippo/model.pt --output bundles/hippo
 """
 
 from __future__ import annotations
@@ -242,6 +243,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_bundle(args: argparse.Namespace) -> int:
+    from cotrain.bundle import INFERENCE_CONFIG, METADATA_FILE, export_bundle
+
+    bundle = export_bundle(_model_path(args.model), args.output)
+    print(
+        json.dumps(
+            {
+                "bundle": str(bundle),
+                "run": (
+                    f"python -m monai.bundle run --config_file {bundle / INFERENCE_CONFIG} "
+                    f"--meta_file {bundle / METADATA_FILE} --bundle_root {bundle} "
+                    "--dataset_dir IMAGES_DIR --output_dir OUTPUT_DIR"
+                ),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     from cotrain import studies
 
@@ -325,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--uncertainty", help="also write the members' disagreement map here")
     predict.add_argument("--device")
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export-bundle",
+        help="write the ensemble as a MONAI bundle that MONAI's bundle tools run without cotrain",
+    )
+    export.add_argument("--model", required=True, help="model.pt or the folder holding it")
+    export.add_argument(
+        "--output", required=True, help="bundle folder to create (must not exist or be empty)"
+    )
+    export.set_defaults(func=cmd_export_bundle)
 
     studies = sub.add_parser("studies", help="make MONAI Label studies folders")
     studies_sub = studies.add_subparsers(dest="studies_command", required=True)

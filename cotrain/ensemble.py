@@ -27,6 +27,9 @@ from cotrain.validation import InvalidImageError, check_image_header
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SLIDING_WINDOW_BATCH_SIZE",
+    "SLIDING_WINDOW_MODE",
+    "SLIDING_WINDOW_OVERLAP",
     "EnsemblePredictor",
     "Prediction",
     "default_device",
@@ -34,6 +37,13 @@ __all__ = [
     "member_logits_sliding_window",
     "soft_vote",
 ]
+
+
+#: Sliding-window settings of whole-volume inference (the window size is the config's
+#: ``roi_size``); an exported MONAI bundle uses the same ones.
+SLIDING_WINDOW_OVERLAP = 0.25
+SLIDING_WINDOW_BATCH_SIZE = 2
+SLIDING_WINDOW_MODE = "gaussian"
 
 
 def default_device() -> torch.device:
@@ -57,8 +67,8 @@ def member_logits_sliding_window(
     ensemble: Ensemble,
     image: torch.Tensor,
     roi_size: tuple[int, ...],
-    overlap: float = 0.25,
-    sw_batch_size: int = 2,
+    overlap: float = SLIDING_WINDOW_OVERLAP,
+    sw_batch_size: int = SLIDING_WINDOW_BATCH_SIZE,
 ) -> torch.Tensor:
     """Every member's logits on a whole volume with MONAI's sliding-window inferer (one pass
     over the windows for all members).
@@ -80,7 +90,7 @@ def member_logits_sliding_window(
         return out.movedim(0, 1).flatten(1, 2)
 
     stacked = sliding_window_inference(
-        image, roi_size, sw_batch_size, all_members, overlap=overlap, mode="gaussian"
+        image, roi_size, sw_batch_size, all_members, overlap=overlap, mode=SLIDING_WINDOW_MODE
     )
     stacked = stacked.as_tensor() if isinstance(stacked, MetaTensor) else stacked
     batch, channels = stacked.shape[:2]
