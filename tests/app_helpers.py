@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from cotrain.launch import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,6 @@ def copy_app(dest: Path) -> Path:
         APP_DIR, dest, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__")
     )
     return dest
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -243,8 +244,38 @@ def _auth_probe(self: Any) -> dict[str, Any]:
 
 
 @pytest.mark.server
-def test_panel_with_authentication_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _signed_token(private_key: Any, roles: list[str]) -> str:
+    """An access token as Keycloak issues it (RS256, roles under ``realm_access``)."""
+    import jwt
+
+    claims = {
+        "preferred_username": "radiologist",
+        "realm_access": {"roles": roles},
+        "exp": int(time.time()) + 600,
+    }
+    return jwt.encode(claims, private_key, algorithm="RS256")
+
+
+def test_panel_with_authentication_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stub_server: ThreadingHTTPServer
+) -> None:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
     from monailabel.client import MONAILabelClient
+
+    # The realm (an OpenID Connect server such as Keycloak) publishes the key tokens are
+    # signed with; a stand-in serves it.
+    realm_key, other_key = (rsa.generate_private_key(65537, 2048) for _ in range(2))
+    public_der = realm_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    stub_server.routes[("GET", "/realms/test")] = (  # type: ignore[attr-defined]
+        200,
+        {"public_key": base64.b64encode(public_der).decode()},
+    )
+    realm = f"http://127.0.0.1:{stub_server.server_address[1]}/realms/test"
 
     monkeypatch.setattr(MONAILabelClient, "info", _auth_probe)
     studies = write_demo_studies(tmp_path / "studies", num_images=2, num_labeled=0)
@@ -252,7 +283,7 @@ def test_panel_with_authentication_on(tmp_path: Path, monkeypatch: pytest.Monkey
     env = {
         **NO_SCORING_ENV,
         "MONAI_LABEL_AUTH_ENABLE": "true",
-        "MONAI_LABEL_AUTH_REALM_URI": "http://127.0.0.1:9/realms/none",
+        "MONAI_LABEL_AUTH_REALM_URI": realm,
     }
     conf = {"models": "dct_seg", "labels": '{"organ":1}'}
     with MonaiLabelServer(app_dir, studies.folder, conf, tmp_path / "server.log", env) as server:
@@ -266,6 +297,25 @@ def test_panel_with_authentication_on(tmp_path: Path, monkeypatch: pytest.Monkey
             with pytest.raises(AuthenticationError, match="requires a login") as error:
                 action()
             assert error.value.status == 401 and "no token was given" in str(error.value)
+
+        # A token signed by the realm works (MONAI Label 0.8.5 alone refuses it under PyJWT 2).
+        admin = CoTrainController.connect(
+            server.url, token=_signed_token(realm_key, ["monailabel-admin", "monailabel-user"])
+        )
+        assert admin.refresh("dct_seg").model.auto_train is True
+        assert admin.set_auto_train("dct_seg", False).model.auto_train is False
+        # A user without the admin role may look but not switch; a forged token is refused.
+        user = CoTrainController.connect(
+            server.url, token=_signed_token(realm_key, ["monailabel-user"])
+        )
+        assert user.refresh("dct_seg").model.auto_train is False
+        with pytest.raises(CoTrainError, match="monailabel-admin"):
+            user.set_auto_train("dct_seg", True)
+        forged = CoTrainController.connect(
+            server.url, token=_signed_token(other_key, ["monailabel-admin"])
+        )
+        with pytest.raises(AuthenticationError):
+            forged.refresh()
 
 
 # ---------------------------------------------------------------------------- no real server

@@ -198,13 +198,12 @@ def test_two_process_gloo_training_keeps_members_identical(
 ) -> None:
     """The multi-GPU path (torchrun, averaged gradients) run on CPU with gloo and 2 processes."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as probe:  # torchrun needs a real port (0 hangs its rendezvous)
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    from cotrain.launch import free_port
+
+    port = str(free_port())  # torchrun needs a real port (0 hangs its rendezvous)
     output = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

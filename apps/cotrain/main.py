@@ -23,11 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, ClassVar
 
 import monailabel
 from fastapi import HTTPException
+from lib.auth import accept_signed_tokens
 from lib.configs import CONFIGS, CoTrainTaskConfig
+from lib.control import register_routes, restore_runtime_settings
 from lib.datastore import CheckedLocalDatastore
 from lib.scheduler import TrainScheduler
 from monailabel.config import settings
@@ -49,25 +51,34 @@ logger = logging.getLogger(__name__)
 UNCERTAINTY_TAG = "uncertainty"
 
 
-def select_models(conf: dict[str, str]) -> list[str]:
-    """The model names ``--conf models`` asks for, in :data:`CONFIGS` order.
+def select_models(
+    conf: dict[str, str], configs: dict[str, type[CoTrainTaskConfig]] = CONFIGS
+) -> list[str]:
+    """The model names ``--conf models`` asks for, in ``configs`` order.
+
+    Args:
+        conf: The ``--conf`` key/value strings.
+        configs: The models an app can serve (an app with one serves it by default).
 
     Raises:
         ValueError: If ``models`` is missing or names an unknown model.
     """
-    available = ", ".join(["all", *CONFIGS])
-    value = conf.get("models", "")
+    available = ", ".join(["all", *configs])
+    value = conf.get("models", "all" if len(configs) == 1 else "")
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise ValueError(f"provide --conf models NAME; available: {available}")
-    invalid = [n for n in names if n != "all" and n not in CONFIGS]
+    invalid = [n for n in names if n != "all" and n not in configs]
     if invalid:
         raise ValueError(f"unknown model(s) {invalid} in --conf models; available: {available}")
-    return [n for n in CONFIGS if "all" in names or n in names]
+    return [n for n in configs if "all" in names or n in names]
 
 
 class CoTrainApp(MONAILabelApp):
     """Co-training ensembles served through MONAI Label.
+
+    An app that serves other models subclasses it and sets :attr:`configs` (see
+    ``sample-apps/``).
 
     Args:
         app_dir: This app's folder (models go to ``app_dir/model``).
@@ -75,13 +86,17 @@ class CoTrainApp(MONAILabelApp):
         conf: ``--conf`` key/value strings.
     """
 
+    #: The models this app can serve (``--conf models`` picks among them), by name.
+    configs: ClassVar[dict[str, type[CoTrainTaskConfig]]] = CONFIGS
+
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.model_dir = os.path.join(app_dir, "model")
         self.models: dict[str, CoTrainTaskConfig] = {}
-        for name in select_models(conf):
-            config = CONFIGS[name]()
+        for name in select_models(conf, self.configs):
+            config = self.configs[name]()
             config.init(name, self.model_dir, conf, None)
             self.models[name] = config
+        restore_runtime_settings(self.models)  # auto_train switched at runtime (lib/control.py)
         logger.info("+++ Using models: %s", list(self.models))
 
         super().__init__(
@@ -106,11 +121,20 @@ class CoTrainApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         """A studies folder: :class:`CheckedLocalDatastore` (validated uploads, atomic writes).
 
-        Remote datastores (DICOMweb, XNAT, DSA) are MONAI Label's own.
+        A DICOMweb URL (a PACS such as Orthanc): MONAI Label's DICOMweb datastore with the
+        fixes of :class:`lib.dicomweb.CoTrainDICOMwebDatastore` (final labels stored as DICOM
+        SEG in the PACS). XNAT and DSA datastores are MONAI Label's own.
         """
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
         spatial_dims = {c.settings.train_config.spatial_dims for c in self.models.values()}
+        if self.studies.startswith(("http://", "https://")):
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return super().init_datastore()
+            from lib.dicomweb import create_dicomweb_datastore
+
+            self.studies = self.studies.rstrip("/").strip()
+            return create_dicomweb_datastore(
+                self.studies, self.label_values(), spatial_dims=min(spatial_dims)
+            )
         return CheckedLocalDatastore(
             self.studies,
             labels=self.label_values(),
@@ -180,6 +204,13 @@ class CoTrainApp(MONAILabelApp):
                 wanted.append(name)
         outcome.update(self.scheduler.request(wanted))
         return {"train": outcome, "labeled": labeled}
+
+    def on_init_complete(self) -> None:
+        """In the server: add the ``/cotrain`` endpoints (``lib/control.py``) and make access
+        tokens work (``lib/auth.py``), then start up."""
+        register_routes()
+        accept_signed_tokens()  # MONAI Label 0.8.5 refuses every token under PyJWT 2
+        super().on_init_complete()
 
     def async_scoring(self, method: str | None, params: dict[str, Any] | None = None) -> Any:
         """Run scoring methods in the background.
