@@ -19,27 +19,17 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from cotrain.studies import write_demo_studies
-from tests.app_helpers import MonaiLabelServer, copy_app, dice, wait_for, wait_for_training
+from tests.app_helpers import (
+    FAST_SERVER_CONF,
+    MonaiLabelServer,
+    copy_app,
+    dice,
+    wait_for,
+    wait_for_training,
+)
 
 pytestmark = pytest.mark.server
 
-#: Small and fast on a CPU: 32^3 images, 24^3 patches, a 3-level UNet, 3 x 8 iterations.
-FAST_CONF = {
-    "labels": json.dumps({"organ": 1}),
-    "views": "2",
-    "roi_size": "[24, 24, 24]",
-    "intensity": "zscore",
-    "epochs": "3",
-    "iterations_per_epoch": "8",
-    "batch_size": "2",
-    "unlabeled_batch_size": "2",
-    "network": json.dumps({"channels": [8, 16, 32], "strides": [2, 2]}),
-    "learning_rate": "0.003",
-    "num_workers": "0",
-    "min_labels": "3",
-    "val_min_labels": "3",
-    "val_split": "0.3",
-}
 TRAIN_TIMEOUT_S = 420.0
 
 
@@ -74,7 +64,7 @@ def test_app_end_to_end(tmp_path: Path) -> None:
         truth_dir=truth_dir,
     )
     app_dir = copy_app(tmp_path / "app")
-    conf = {"models": "dct_seg", **FAST_CONF}
+    conf = {"models": "dct_seg", **FAST_SERVER_CONF}
     with MonaiLabelServer(app_dir, studies.folder, conf, tmp_path / "server.log") as server:
         client = MONAILabelClient(server.url, tmpdir=str(tmp_path / "client"))
         (tmp_path / "client").mkdir()

@@ -40,6 +40,7 @@ from pydicom.uid import generate_uid
 
 from cotrain.studies import write_demo_studies
 from tests.app_helpers import (
+    FAST_SERVER_CONF,
     NO_SCORING_ENV,
     MonaiLabelServer,
     copy_app,
@@ -390,25 +391,9 @@ def seg_voxels(seg: bytes, reference: Path) -> tuple[np.ndarray, list[str]]:
 
 
 # --------------------------------------------------------------------------------- the test
-#: ``--conf`` of a server that trains in about a minute on 2 CPU cores: 24^3 patches, a
-#: 3-level UNet, 2 members, 3 epochs of 8 iterations, no validation; training starts at 3
-#: labels.
-DICOM_CONF = {
-    "models": "dct_seg",
-    "labels": json.dumps({"organ": 1}),
-    "views": "2",
-    "roi_size": "[24, 24, 24]",
-    "intensity": "zscore",
-    "epochs": "3",
-    "iterations_per_epoch": "8",
-    "batch_size": "2",
-    "unlabeled_batch_size": "2",
-    "network": json.dumps({"channels": [8, 16, 32], "strides": [2, 2]}),
-    "learning_rate": "0.003",
-    "num_workers": "0",
-    "min_labels": "3",
-    "val_split": "0",
-}
+#: ``--conf`` of a server that trains in about a minute on 2 CPU cores (see
+#: :data:`FAST_SERVER_CONF`), without validation; training starts at 3 labels.
+DICOM_CONF = {"models": "dct_seg", **FAST_SERVER_CONF, "val_split": "0"}
 NUM_CT = 6
 TRAIN_TIMEOUT_S = 300.0
 
