@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roi", default="96,96,96")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="training processes (0: one per GPU; N > 1 on a CPU: N gloo processes)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args(argv)
 
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": str(args.epochs),
             "iterations_per_epoch": str(args.iterations),
             "min_labels": "2",
+            "processes": str(args.processes),
         }
         with MonaiLabelServer(
             ROOT / "apps" / "cotrain", studies.folder, conf, work / "server.log"
@@ -109,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds_from_first_submit": round(train_seconds, 1),
         "train_stats": {
             k: stats.get(k)
-            for k in ("epoch", "total_epochs", "best_metric", "total_time", "losses")
+            for k in (
+                "epoch",
+                "total_epochs",
+                "best_metric",
+                "total_time",
+                "losses",
+                "processes",
+                "labeled",
+                "validation",
+                "unlabeled",
+            )
         },
         "evaluated_unlabeled_studies": len(results),
         "served_ensemble_dice": dice,
