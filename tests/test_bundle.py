@@ -97,7 +97,8 @@ def exported(synthetic_cases: list[dict[str, str]], tmp_path_factory: pytest.Tem
         cwd=root,
         env=environment,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
         check=False,
     )
@@ -178,7 +179,8 @@ def test_export_names_what_is_wrong(
         [sys.executable, "-m", "cotrain", "export-bundle", "--model", str(junk), "--output", "b"],
         cwd=tmp_path,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
         check=False,
     )

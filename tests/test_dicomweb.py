@@ -82,7 +82,8 @@ def _run_apt(args: list[str]) -> subprocess.CompletedProcess[str]:
         ["apt-get", *args],
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=APT_TIMEOUT_S,
         check=False,
     )

@@ -474,7 +474,11 @@ new = {{name.split(".")[0] for name in set(sys.modules) - before}}
 print(json.dumps(sorted(n for n in new if n not in sys.stdlib_module_names)))
 """
     result = subprocess.run(
-        [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60
+        [sys.executable, "-I", "-c", code],
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == ["CoTrainLib"]
