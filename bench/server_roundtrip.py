@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = {c["name"]: c for c in list_msd_cases(args.data)}
     labels = json.loads(args.labels)
-    with tempfile.TemporaryDirectory() as work:
+    # ignore_cleanup_errors: a scoring subprocess may still write into the studies folder.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as work:
         work = Path(work)
         studies = import_msd_studies(args.data, work / "studies", num_labeled=args.labeled)
         to_submit = studies.unlabeled[: args.submit]

@@ -118,8 +118,15 @@ def _worker(
     device_type: str,
     state_file: str,
     parent_pid: int,
+    log_level: int,
 ) -> None:
     """One process of :func:`train_in_processes` (``torch.multiprocessing.spawn`` target)."""
+    # A spawned process starts without the parent's logging set-up: log the same way, to the
+    # same stderr (the server's log), so rank 0's epoch lines are seen.
+    logging.basicConfig(
+        level=log_level,
+        format=f"[%(asctime)s] [%(process)d] [rank {local_rank}] [%(levelname)s] (%(name)s) - %(message)s",
+    )
     _exit_when_orphaned(parent_pid)
     os.environ.update(
         {
@@ -186,6 +193,7 @@ def train_in_processes(
                     device_type,
                     state_file,
                     os.getpid(),
+                    logging.getLogger().getEffectiveLevel(),
                 ),
                 join=True,
             )
