@@ -8,15 +8,21 @@ interrupted benchmark continues where it stopped.
     python bench/quality.py --profile quick            # hippocampus, CPU, about an hour
     python bench/quality.py --profile full             # left atrium, meant for a GPU
 
-A method is a name from ``cotrain.config.METHODS``, optionally with hyperparameters
-(``dct_seg:lambda_cot=2,lambda_div=0.2``), or ``full``: the supervised ensemble with every
+A method is a name from ``cotrain.config.METHODS``, optionally with hyperparameters: the
+method's own (``dct_seg:lambda_cot=2,lambda_div=0.2``) or ``TrainConfig`` settings
+(``duo_segnet:perturb_unlabeled=true``); or ``full``: the supervised ensemble with every
 training case labeled (an upper reference).
+
+``--tune`` is for choosing hyperparameters: it holds out ``tuning_cases`` of the training
+cases, trains on the rest and evaluates on them, never on the test split. Its results go to
+``bench/results/PROFILE-tune.*``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import random
@@ -60,6 +66,8 @@ class Profile:
     train: dict[str, Any]
     seeds: list[int] = field(default_factory=lambda: [0])
     num_validation: int = 0
+    #: Training cases held out for ``--tune`` (hyperparameter choice).
+    tuning_cases: int = 20
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     #: Label count -> (least soft-vote Dice in %, or None; least gain over the supervised
     #: vote in Dice points) that DCT-Seg and Duo-SegNet must reach.
@@ -119,13 +127,31 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
     return name, parsed
 
 
-def split_cases(profile: Profile) -> tuple[list[dict], list[dict], list[dict]]:
-    """Test, validation and training cases: a fixed shuffle (seed 2024) of the sorted cases."""
+def train_config(profile: Profile, method: str, params: dict[str, Any], seed: int) -> TrainConfig:
+    """The profile's recipe for one run; ``params`` that name ``TrainConfig`` settings
+    override the recipe, the others are the method's hyperparameters."""
+    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {**profile.train, **{k: v for k, v in params.items() if k in config_fields}}
+    method_params = {k: v for k, v in params.items() if k not in config_fields}
+    return TrainConfig(
+        method=method, labels=profile.labels, seed=seed, method_params=method_params, **settings
+    )
+
+
+def split_cases(profile: Profile, tune: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """Test, validation and training cases: a fixed shuffle (seed 2024) of the sorted cases.
+
+    Args:
+        profile: The benchmark setting.
+        tune: Replace the test split by ``profile.tuning_cases`` held out of the training cases.
+    """
     cases = [c for c in list_msd_cases(profile.data) if "label" in c]
     random.Random(2024).shuffle(cases)
     test = cases[: profile.num_test]
     validation = cases[profile.num_test : profile.num_test + profile.num_validation]
     train = cases[profile.num_test + profile.num_validation :]
+    if tune:
+        test, train = train[: profile.tuning_cases], train[profile.tuning_cases :]
     return test, validation, train
 
 
@@ -148,9 +174,7 @@ def run_one(
         labeled = [train[i] for i in order[:num_labeled]]
         unlabeled = [{"image": train[i]["image"]} for i in order[num_labeled:]]
         method = name
-    config = TrainConfig(
-        method=method, labels=profile.labels, seed=seed, method_params=params, **profile.train
-    )
+    config = train_config(profile, method, params, seed)
     with tempfile.TemporaryDirectory() as output:
         start = time.monotonic()
         state = Trainer(
@@ -177,6 +201,7 @@ def run_one(
         "method": method_spec,
         "labeled": len(labeled),
         "seed": seed,
+        "iterations": config.epochs * config.iterations_per_epoch,
         "vote_dice": vote_summary["mean_dice"],
         "vote_hd95": vote_summary["mean_hd95"],
         "member_dice": float(np.mean([m["mean_dice"] for m in member_summaries])),
@@ -224,8 +249,17 @@ def summarise(
     output: Path,
     profile_name: str,
     targets: dict[int, tuple[float | None, float]] | None = None,
+    setting: str = "",
 ) -> None:
-    """Write the CSV, the markdown table (mean ± std over seeds), the targets and the plot."""
+    """Write the CSV, the markdown table (mean ± std over seeds), the targets and the plot.
+
+    Args:
+        rows: One result per run.
+        output: Folder of the files.
+        profile_name: Stem of the file names.
+        targets: Label count -> (least Dice, least gain over supervised), see :class:`Profile`.
+        setting: A line saying how the runs trained and where they were evaluated.
+    """
     with (output / f"{profile_name}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(
@@ -274,7 +308,8 @@ def summarise(
     lines = [
         f"# Quality benchmark: profile `{profile_name}`",
         "",
-        "Dice in %, HD95 in mm, on the test split; mean ± std over seeds where there are several.",
+        *([setting, ""] if setting else []),
+        "Dice in %, HD95 in mm; mean ± std over seeds where there are several.",
         "",
         "| method | labeled | soft-vote Dice | member Dice | vote - supervised vote | soft-vote HD95 | s/iteration | seeds |",
         "|---|---|---|---|---|---|---|---|",
@@ -343,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="override the total iterations (epochs x iterations per epoch)",
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="evaluate on cases held out of the training split, not on the test split",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     args = parser.parse_args(argv)
@@ -364,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": max(1, args.iterations // profile.train["iterations_per_epoch"]),
         }
     args.output.mkdir(parents=True, exist_ok=True)
-    results_file = args.output / f"{args.profile}.jsonl"
+    # Results of a changed recipe go to their own files: PROFILE[-tune][-Nit].
+    name = args.profile + ("-tune" if args.tune else "")
+    if args.iterations:
+        name += f"-{profile.train['epochs'] * profile.train['iterations_per_epoch']}it"
+    results_file = args.output / f"{name}.jsonl"
     rows = (
         [json.loads(line) for line in results_file.read_text().splitlines()]
         if results_file.exists()
@@ -372,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     done = {(r["method"], r["labeled"], r["seed"]) for r in rows}
 
-    splits = split_cases(profile)
+    splits = split_cases(profile, tune=args.tune)
+    iterations = profile.train["epochs"] * profile.train["iterations_per_epoch"]
+    setting = f"{iterations} training iterations; evaluated on " + (
+        f"{len(splits[0])} cases held out of the training split for tuning (never the test split)."
+        if args.tune
+        else f"the test split ({len(splits[0])} cases, never trained or tuned on)."
+    )
     # Fewest labels first: the targets are at the smallest label count.
     plan = [
         (method, len(splits[2]) if method == "full" else count, seed)
@@ -382,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         if method != "full" or count == profile.label_counts[-1]
     ]
     plan = [run for run in plan if run not in done]
-    for method, count, seed in tqdm(plan, desc=f"benchmark {args.profile}", unit="run"):
+    for method, count, seed in tqdm(plan, desc=f"benchmark {name}", unit="run"):
         row = run_one(profile, method, count, seed, splits, args.device)
         tqdm.write(
             f"{method} labeled={row['labeled']} seed={seed}: vote Dice {row['vote_dice']:.4f}, members {row['member_dice']:.4f}, {row['seconds_per_iteration']} s/it"
@@ -390,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         with results_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
-        summarise(rows, args.output, args.profile, profile.targets)
+        summarise(rows, args.output, name, profile.targets, setting)
     if rows:
-        summarise(rows, args.output, args.profile, profile.targets)
+        summarise(rows, args.output, name, profile.targets, setting)
     return 0
 
 

@@ -129,6 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "iterations_per_epoch": args.iterations,
         "batch_size": args.batch_size,
         "unlabeled_batch_size": args.unlabeled_batch_size,
+        "perturb_unlabeled": args.perturb_unlabeled,
+        "unlabeled_cutout": args.unlabeled_cutout,
         "learning_rate": args.lr,
         "seed": args.seed,
         "network": {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)},
@@ -311,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--batch-size", type=int, default=2)
     train.add_argument("--unlabeled-batch-size", type=int, default=2)
+    train.add_argument(
+        "--perturb-unlabeled",
+        action="store_true",
+        help="each member sees its own flipped, intensity-perturbed copy of the unlabeled batch",
+    )
+    train.add_argument(
+        "--unlabeled-cutout",
+        type=float,
+        default=0.0,
+        help="with --perturb-unlabeled: blank a random box, this fraction of the patch side",
+    )
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument(
         "--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="UNet channels"

@@ -13,10 +13,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "TrainConfig", "parse_intensity"]
+__all__ = ["METHODS", "PERTURBABLE_METHODS", "TrainConfig", "parse_intensity"]
 
 #: The methods the engine knows, by their command-line names.
 METHODS = ("dct_seg", "duo_segnet", "supervised", "jsd", "mean_teacher", "cps")
+#: The methods whose members learn from each other on unlabeled data (``perturb_unlabeled``).
+PERTURBABLE_METHODS = ("dct_seg", "duo_segnet", "jsd", "cps")
 
 
 @dataclass
@@ -35,6 +37,12 @@ class TrainConfig:
         iterations_per_epoch: Optimiser steps per epoch.
         batch_size: Labeled patches per member and step.
         unlabeled_batch_size: Unlabeled patches per step (shared by all members).
+        perturb_unlabeled: Give each member its own randomly flipped and intensity-perturbed
+            copy of the unlabeled batch; agreement terms compare the predictions flipped back
+            onto the shared grid (see :mod:`cotrain.perturbation`). For the methods whose
+            members learn from each other: dct_seg, duo_segnet, jsd, cps.
+        unlabeled_cutout: With ``perturb_unlabeled``, also blank a random box in each member's
+            copy, its side this fraction of the patch side (0: no box).
         learning_rate: Initial learning rate of the members' optimiser (AdamW, polynomial decay).
         weight_decay: AdamW weight decay.
         seed: Seed of initialisation, view subsets, sampling and augmentation.
@@ -58,6 +66,8 @@ class TrainConfig:
     iterations_per_epoch: int = 50
     batch_size: int = 2
     unlabeled_batch_size: int = 2
+    perturb_unlabeled: bool = False
+    unlabeled_cutout: float = 0.0
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
@@ -113,6 +123,15 @@ class TrainConfig:
         for name in ("epochs", "iterations_per_epoch", "batch_size", "unlabeled_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.perturb_unlabeled and self.method not in PERTURBABLE_METHODS:
+            raise ValueError(
+                f"perturb_unlabeled applies to {', '.join(PERTURBABLE_METHODS)}, "
+                f"not to {self.method!r}"
+            )
+        if not 0.0 <= self.unlabeled_cutout < 1.0:
+            raise ValueError(f"unlabeled_cutout must be in [0, 1), got {self.unlabeled_cutout}")
+        if self.unlabeled_cutout and not self.perturb_unlabeled:
+            raise ValueError("unlabeled_cutout needs perturb_unlabeled")
         if not 0.0 <= self.shared_fraction <= 1.0:
             raise ValueError(f"shared_fraction must be in [0, 1], got {self.shared_fraction}")
 

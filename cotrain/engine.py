@@ -45,6 +45,7 @@ from cotrain.ensemble import default_device, member_logits_sliding_window, soft_
 from cotrain.losses import jensen_shannon_map
 from cotrain.methods import Batch, CoTrainingMethod, build_method
 from cotrain.networks import Ensemble
+from cotrain.perturbation import UnlabeledPerturbation
 from cotrain.schedules import split_labeled_views
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class Trainer:
         )
         self._stop = threading.Event()
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._perturbation: UnlabeledPerturbation | None = None
 
     # ----------------------------------------------------------------- hooks (override to customise)
     def build_ensemble(self) -> Ensemble:
@@ -289,6 +291,13 @@ class Trainer:
                     seed=c.seed + 7 + 1000 * rank(),
                 )
             )
+            if c.perturb_unlabeled:
+                cutout = tuple(max(1, round(c.unlabeled_cutout * s)) for s in c.roi_size)
+                self._perturbation = UnlabeledPerturbation(
+                    c.spatial_dims,
+                    seed=c.seed + 13 + 1000 * rank(),
+                    cutout_size=cutout if c.unlabeled_cutout else None,
+                )
         logger.info(
             "training %s: %d members, %d labeled (views of %s cases), %d unlabeled, %d validation, device %s",
             c.method,
@@ -311,10 +320,12 @@ class Trainer:
                     data["label"].as_tensor().to(self.device),
                 )
             )
-        unlabeled = None
+        unlabeled, views = None, None
         if unlabeled_batches is not None:
             unlabeled = next(unlabeled_batches)["image"].as_tensor().to(self.device)
-        return Batch(labeled=labeled, unlabeled=unlabeled)
+            if self._perturbation is not None:
+                views = self._perturbation(unlabeled, self.config.views)
+        return Batch(labeled=labeled, unlabeled=unlabeled, unlabeled_views=views)
 
     def train_step(self, batch: Batch, progress: float) -> dict[str, float]:
         """One optimiser step of the members (and the method's own step). Returns the reported values."""

@@ -58,6 +58,8 @@ def test_conf_values_are_parsed() -> None:
         "learning_rate": "0.002",
         "network": '{"channels": [8, 16, 32], "strides": [2, 2]}',
         "amp": "false",
+        "perturb_unlabeled": "true",
+        "unlabeled_cutout": "0.25",
         "auto_train": "no",
         "min_labels": "4",
         "val_split": "0.25",
@@ -74,6 +76,7 @@ def test_conf_values_are_parsed() -> None:
     assert c.learning_rate == pytest.approx(0.002)
     assert c.network == {"channels": [8, 16, 32], "strides": [2, 2]}
     assert c.amp is False
+    assert c.perturb_unlabeled is True and c.unlabeled_cutout == pytest.approx(0.25)
     assert settings.auto_train is False
     assert settings.min_labels == 4
     assert settings.val_split == pytest.approx(0.25)

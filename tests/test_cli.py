@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cotrain.checkpoint import load_file
 from cotrain.synthetic import write_synthetic_msd
 from tests.conftest import SHARED_DATA
 
@@ -57,11 +58,13 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
         "2",
         "--iterations",
         "3",
+        "--perturb-unlabeled",
         *TINY,
     )
     assert train.returncode == 0, train.stderr
     summary = json.loads(train.stdout)
     assert summary["epochs"] == 2 and Path(summary["model"]).is_file()
+    assert load_file(summary["model"])["config"]["perturb_unlabeled"] is True
     split = json.loads((output / "split.json").read_text())
     assert split == {
         "labeled": ["case_000", "case_001", "case_002"],

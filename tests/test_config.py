@@ -19,6 +19,9 @@ from cotrain.config import TrainConfig, parse_intensity
         ({"intensity": "minmax"}, "intensity must be"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"target_spacing": (1.0, 1.0)}, "target_spacing"),
+        ({"method": "supervised", "perturb_unlabeled": True}, "not to 'supervised'"),
+        ({"unlabeled_cutout": 0.5}, "unlabeled_cutout needs perturb_unlabeled"),
+        ({"perturb_unlabeled": True, "unlabeled_cutout": 1.0}, "unlabeled_cutout must be in"),
     ],
 )
 def test_invalid_settings_are_named(settings: dict, message: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cotrain.config import PERTURBABLE_METHODS
 from cotrain.ensemble import soft_vote
 from cotrain.losses import (
     adversarial_diversity_loss,
@@ -19,6 +20,7 @@ from cotrain.losses import (
 )
 from cotrain.methods import METHOD_CLASSES, Batch, build_method
 from cotrain.networks import Ensemble
+from cotrain.perturbation import UnlabeledPerturbation
 
 TINY = {"channels": [4, 8], "strides": [2]}
 
@@ -113,13 +115,18 @@ TERMS = {
 }
 
 
-@pytest.mark.parametrize("method_name", sorted(TERMS))
-def test_every_loss_term_sends_gradient_to_every_member(method_name: str) -> None:
+@pytest.mark.parametrize(
+    ("method_name", "perturbed"),
+    [(name, False) for name in sorted(TERMS)] + [(name, True) for name in PERTURBABLE_METHODS],
+)
+def test_every_loss_term_sends_gradient_to_every_member(method_name: str, perturbed: bool) -> None:
     torch.manual_seed(0)
     ensemble = Ensemble(2, 3, 1, 2, network=TINY)
     method = build_method(method_name, 2, 3, 1, 2)
     method.attach(ensemble)
     batch = make_batch(2)
+    if perturbed:
+        batch.unlabeled_views = UnlabeledPerturbation(3, seed=0)(batch.unlabeled, 2)
     terms = method.loss_terms(ensemble, batch)
     assert sorted(terms) == sorted(TERMS[method_name])
     for name, term in terms.items():

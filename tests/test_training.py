@@ -50,12 +50,17 @@ class Recorder(TrainCallback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("method", "perturb_unlabeled"),
+    [(method, False) for method in METHODS] + [("dct_seg", True), ("duo_segnet", True)],
+)
 def test_method_lowers_loss_and_segments_above_chance(
-    method: str, synthetic_cases, tmp_path: Path
+    method: str, perturb_unlabeled: bool, synthetic_cases, tmp_path: Path
 ) -> None:
     labeled, unlabeled, validation = split(synthetic_cases)
-    config = tiny_config(method=method, epochs=4, iterations_per_epoch=10)
+    config = tiny_config(
+        method=method, epochs=4, iterations_per_epoch=10, perturb_unlabeled=perturb_unlabeled
+    )
     recorder = Recorder()
     state = Trainer(
         config, labeled, unlabeled, tmp_path, validation=validation, callbacks=[recorder]

@@ -17,6 +17,7 @@ from torch import nn
 
 from cotrain.losses import dice_ce_loss
 from cotrain.networks import Ensemble
+from cotrain.perturbation import MemberViews
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,13 @@ class Batch:
             images ``(B, C_in, *spatial)``, targets ``(B, 1, *spatial)`` class indices.
         unlabeled: ``(B_u, C_in, *spatial)`` images shared by all members, or ``None`` for
             methods that do not use unlabeled data.
+        unlabeled_views: Each member's own perturbed copy of ``unlabeled``, when the run
+            perturbs unlabeled data (``TrainConfig.perturb_unlabeled``).
     """
 
     labeled: list[tuple[torch.Tensor, torch.Tensor]]
     unlabeled: torch.Tensor | None = None
+    unlabeled_views: MemberViews | None = None
 
 
 class CoTrainingMethod(nn.Module):
@@ -116,6 +120,28 @@ class CoTrainingMethod(nn.Module):
     def auxiliary_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Optimisers the method owns (Duo-SegNet's critic), by name, for checkpoints."""
         return {}
+
+    @staticmethod
+    def unlabeled_predictions(
+        ensemble: Ensemble, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every member's logits on the unlabeled batch.
+
+        Returns:
+            ``(inputs, logits, aligned)``, each ``(k, B_u, ...)``: member i's input, its logits
+            on that input, and those logits on the shared grid (the ones to compare across
+            members). Without per-member views all members share one input and ``aligned``
+            is ``logits``.
+        """
+        views = batch.unlabeled_views
+        if views is None:
+            logits = ensemble(batch.unlabeled)
+            inputs = batch.unlabeled.expand(len(ensemble), *batch.unlabeled.shape)
+            return inputs, logits, logits
+        logits = torch.stack(
+            [member(x) for member, x in zip(ensemble.members, views.images, strict=True)]
+        )
+        return views.images, logits, views.align(logits)
 
     @staticmethod
     def supervised_term(

@@ -31,7 +31,7 @@ class CrossPseudoSupervision(CoTrainingMethod):
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
-        logits = ensemble(batch.unlabeled)
+        _, _, logits = self.unlabeled_predictions(ensemble, batch)
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
         pseudo = sum(cross_pseudo_supervision_loss(logits[a], logits[b]) for a, b in pairs) / len(
             pairs

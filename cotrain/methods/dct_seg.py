@@ -64,17 +64,19 @@ class DCTSeg(CoTrainingMethod):
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, labeled_logits = self.supervised_term(ensemble, batch)
-        unlabeled_logits = ensemble(batch.unlabeled)
+        unlabeled_inputs, unlabeled_logits, aligned_logits = self.unlabeled_predictions(
+            ensemble, batch
+        )
         i, j = self.pairs()
         diversity = self._diversity_direction(
-            ensemble, batch, i, j, labeled_logits, unlabeled_logits
+            ensemble, batch, i, j, labeled_logits, unlabeled_inputs, unlabeled_logits
         )
         diversity = diversity + self._diversity_direction(
-            ensemble, batch, j, i, labeled_logits, unlabeled_logits
+            ensemble, batch, j, i, labeled_logits, unlabeled_inputs, unlabeled_logits
         )
         return {
             "supervised": supervised,
-            "agreement": jensen_shannon_agreement(unlabeled_logits),
+            "agreement": jensen_shannon_agreement(aligned_logits),
             "diversity": diversity,
         }
 
@@ -85,16 +87,18 @@ class DCTSeg(CoTrainingMethod):
         source: int,
         other: int,
         labeled_logits: list[torch.Tensor],
+        unlabeled_inputs: torch.Tensor,
         unlabeled_logits: torch.Tensor,
     ) -> torch.Tensor:
-        """``KL(f_source(x) || f_other(g_source(x)))`` over source's labeled batch and the unlabeled batch."""
+        """``KL(f_source(x) || f_other(g_source(x)))`` over source's labeled batch and its
+        unlabeled input (both members judged on the source's view, so no alignment is needed)."""
         p = self.params
         source_net, other_net = ensemble.members[source], ensemble.members[other]
         images, targets = batch.labeled[source]
         labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(
             images.dtype
         )
-        unlabeled = batch.unlabeled
+        unlabeled = unlabeled_inputs[source]
         unlabeled_adv = unlabeled + vat_perturbation(
             source_net, unlabeled, p.vat_epsilon, p.vat_xi, p.vat_power_iterations
         ).to(unlabeled.dtype)

@@ -70,22 +70,28 @@ class DuoSegNet(CoTrainingMethod):
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, labeled_logits = self.supervised_term(ensemble, batch)
-        unlabeled_logits = ensemble(batch.unlabeled)
+        unlabeled_inputs, unlabeled_logits, aligned_logits = self.unlabeled_predictions(
+            ensemble, batch
+        )
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
         agreement = sum(
-            symmetric_cross_entropy_agreement(unlabeled_logits[a], unlabeled_logits[b])
+            symmetric_cross_entropy_agreement(aligned_logits[a], aligned_logits[b])
             for a, b in pairs
         ) / len(pairs)
 
         labeled_probabilities = [torch.softmax(logits.float(), dim=1) for logits in labeled_logits]
         unlabeled_probabilities = torch.softmax(unlabeled_logits.float(), dim=2)
         adversarial = 0.0
-        for (images, _), member_labeled, member_unlabeled in zip(
-            batch.labeled, labeled_probabilities, unlabeled_probabilities, strict=True
+        for (images, _), member_labeled, member_input, member_unlabeled in zip(
+            batch.labeled,
+            labeled_probabilities,
+            unlabeled_inputs,
+            unlabeled_probabilities,
+            strict=True,
         ):
             adversarial = adversarial + critic_adversarial_loss(self.critic(images, member_labeled))
             adversarial = adversarial + critic_adversarial_loss(
-                self.critic(batch.unlabeled, member_unlabeled)
+                self.critic(member_input, member_unlabeled)
             )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]

@@ -30,10 +30,8 @@ class JensenShannonOnly(CoTrainingMethod):
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
-        return {
-            "supervised": supervised,
-            "agreement": jensen_shannon_agreement(ensemble(batch.unlabeled)),
-        }
+        _, _, aligned_logits = self.unlabeled_predictions(ensemble, batch)
+        return {"supervised": supervised, "agreement": jensen_shannon_agreement(aligned_logits)}
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params

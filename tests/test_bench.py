@@ -1,0 +1,45 @@
+"""The quality benchmark's splits and method specifications (bench/quality.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from cotrain.synthetic import write_synthetic_msd
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+sys.modules["bench_quality"] = quality  # dataclasses look their module up there
+_spec.loader.exec_module(quality)
+
+
+def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
+    write_synthetic_msd(tmp_path, 20, shape=(8, 8, 8))
+    profile = quality.Profile(
+        data=tmp_path, num_test=5, label_counts=[2], labels={"organ": 1}, train={}, tuning_cases=4
+    )
+    test, _, train = quality.split_cases(profile)
+    tuning_test, _, tuning_train = quality.split_cases(profile, tune=True)
+    names = lambda cases: {c["name"] for c in cases}  # noqa: E731
+
+    assert len(test) == 5 and len(train) == 15
+    # Hyperparameters are chosen on cases held out of the training split, never on the test split.
+    assert len(tuning_test) == 4 and names(tuning_test) <= names(train)
+    assert not names(tuning_test) & names(test)
+    assert not names(tuning_train) & (names(tuning_test) | names(test))
+    assert names(tuning_train) | names(tuning_test) == names(train)
+
+
+def test_method_spec_sets_method_and_run_settings() -> None:
+    profile = quality.PROFILES["quick"]
+    name, params = quality.parse_method("duo_segnet:perturb_unlabeled=true,lambda_u=1.0")
+    config = quality.train_config(profile, name, params, seed=3)
+
+    assert config.method == "duo_segnet" and config.seed == 3
+    assert config.perturb_unlabeled is True
+    assert config.method_params == {"lambda_u": 1.0}
+    assert config.roi_size == profile.train["roi_size"]
+    plain = quality.train_config(profile, *quality.parse_method("duo_segnet"), seed=0)
+    assert plain.perturb_unlabeled is False and plain.method_params == {}
