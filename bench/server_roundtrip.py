@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with MonaiLabelServer(
             ROOT / "apps" / "cotrain", studies.folder, conf, work / "server.log"
-        ).start() as server:
+        ) as server:
             # A private folder: the client names a result after the server's temporary file, and
             # on one machine the server's clean-up of /tmp would delete the client's copy.
             client = MONAILabelClient(server.url, tmpdir=str(work / "client"))

@@ -178,6 +178,8 @@ class MonaiLabelServer:
 
     def start(self, timeout_s: float = 180.0) -> MonaiLabelServer:
         """Start the server and wait until ``/info`` answers."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"the server on {self.url} is already running")
         cmd = [
             sys.executable,
             "-m",
