@@ -225,12 +225,12 @@ def target_lines(
     for (method, labeled), group in sorted(
         groups.items(), key=lambda item: (item[0][1], item[0][0])
     ):
-        if labeled not in targets or not method.startswith(("dct_seg", "duo_segnet")):
+        if labeled not in targets or labeled not in supervised:
+            continue
+        if not method.startswith(("dct_seg", "duo_segnet")):
             continue
         least_dice, least_gain = targets[labeled]
         vote = 100 * float(np.mean([r["vote_dice"] for r in group]))
-        if labeled not in supervised:
-            continue
         needed = 100 * supervised[labeled] + least_gain
         if least_dice is not None:
             needed = max(needed, least_dice)
@@ -404,10 +404,11 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": max(1, args.iterations // profile.train["iterations_per_epoch"]),
         }
     args.output.mkdir(parents=True, exist_ok=True)
+    iterations = profile.train["epochs"] * profile.train["iterations_per_epoch"]
     # Results of a changed recipe go to their own files: PROFILE[-tune][-Nit].
     name = args.profile + ("-tune" if args.tune else "")
     if args.iterations:
-        name += f"-{profile.train['epochs'] * profile.train['iterations_per_epoch']}it"
+        name += f"-{iterations}it"
     results_file = args.output / f"{name}.jsonl"
     rows = (
         [json.loads(line) for line in results_file.read_text().splitlines()]
@@ -417,7 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["method"], r["labeled"], r["seed"]) for r in rows}
 
     splits = split_cases(profile, tune=args.tune)
-    iterations = profile.train["epochs"] * profile.train["iterations_per_epoch"]
     setting = f"{iterations} training iterations; evaluated on " + (
         f"{len(splits[0])} cases held out of the training split for tuning (never the test split)."
         if args.tune

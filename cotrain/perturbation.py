@@ -60,7 +60,7 @@ class UnlabeledPerturbation:
 
     Args:
         spatial_dims: 2 or 3.
-        seed: Seed of the flips and of the intensity transforms.
+        seed: Seed of the flips and of the per-image transforms.
         noise_std: Standard deviation of the Gaussian noise.
         gamma: Range of the contrast gamma.
         scale: Intensities are multiplied by ``1 + u``, ``u`` uniform in ``[-scale, scale]``.
@@ -92,8 +92,9 @@ class UnlabeledPerturbation:
             steps.append(
                 mt.RandCoarseDropout(holes=1, spatial_size=cutout_size, fill_value=0.0, prob=1.0)
             )
-        self.intensity = mt.Compose(steps)
-        self.intensity.set_random_state(seed + 1)
+        #: Per image: the intensity perturbation, then the optional cut-out.
+        self.transforms = mt.Compose(steps)
+        self.transforms.set_random_state(seed + 1)
 
     def __call__(self, images: torch.Tensor, num_members: int) -> MemberViews:
         """Perturbed copies of ``images`` (``(B, C_in, *spatial)``), one per member."""
@@ -101,7 +102,7 @@ class UnlabeledPerturbation:
         for _ in range(num_members):
             perturbed = torch.stack(
                 [
-                    convert_to_tensor(self.intensity(image), track_meta=False).to(images)
+                    convert_to_tensor(self.transforms(image), track_meta=False).to(images)
                     for image in images
                 ]
             )
