@@ -23,6 +23,7 @@ __all__ = [
     "cross_pseudo_supervision_loss",
     "dice_ce_loss",
     "entropy",
+    "foreground_focus",
     "jensen_shannon_agreement",
     "jensen_shannon_map",
     "mean_teacher_consistency",
@@ -69,15 +70,46 @@ def jensen_shannon_map(member_logits: torch.Tensor) -> torch.Tensor:
     return divergence.clamp_min(0.0)  # rounding can leave -1e-8 where members agree
 
 
-def jensen_shannon_agreement(member_logits: torch.Tensor) -> torch.Tensor:
+def foreground_focus(member_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Voxels where some member gives the foreground classes probability ``>= threshold``.
+
+    Agreement terms averaged over every voxel are dominated by background the members
+    already agree on; averaged over this region they weigh the organ and its boundary.
+    The region carries no gradient.
+
+    Args:
+        member_logits: ``(k, B, C, *spatial)``, class 0 being background.
+        threshold: Foreground probability ``1 - p_background`` a member must reach.
+
+    Returns:
+        ``(B, *spatial)`` bool.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"foreground focus threshold must be in (0, 1), got {threshold}")
+    background = torch.softmax(member_logits.detach().float(), dim=2)[:, :, 0]
+    return (1.0 - background >= threshold).any(dim=0)
+
+
+def _voxel_mean(values: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a ``(B, *spatial)`` map over every voxel, or over ``region`` (0 if it is empty)."""
+    if region is None:
+        return values.mean()
+    return (values * region).sum() / region.sum().clamp_min(1)
+
+
+def jensen_shannon_agreement(
+    member_logits: torch.Tensor, region: torch.Tensor | None = None
+) -> torch.Tensor:
     """DCT-Seg agreement loss ``L_cot`` (Peng et al. 2020, Eq. 4), over all k members.
 
     ``L_cot = E_x,voxels[ H(1/k sum_i p_i) - 1/k sum_i H(p_i) ]``.
 
     Args:
         member_logits: ``(k, B, C, *spatial)`` logits of every member on the same unlabeled batch.
+        region: ``(B, *spatial)`` bool voxels to average over (e.g. :func:`foreground_focus`);
+            every voxel (the paper) when ``None``.
     """
-    return jensen_shannon_map(member_logits).mean()
+    return _voxel_mean(jensen_shannon_map(member_logits), region)
 
 
 def adversarial_diversity_loss(
@@ -100,7 +132,7 @@ def adversarial_diversity_loss(
 
 
 def symmetric_cross_entropy_agreement(
-    logits_a: torch.Tensor, logits_b: torch.Tensor
+    logits_a: torch.Tensor, logits_b: torch.Tensor, region: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Duo-SegNet agreement loss ``L_u`` (Peiris et al. 2021, Eq. 5).
 
@@ -110,10 +142,12 @@ def symmetric_cross_entropy_agreement(
     Args:
         logits_a: ``(B, C, *spatial)`` first member on an unlabeled batch.
         logits_b: ``(B, C, *spatial)`` second member on the same batch.
+        region: ``(B, *spatial)`` bool voxels to average over; every voxel when ``None``.
     """
     log_a = torch.log_softmax(logits_a.float(), dim=1)
     log_b = torch.log_softmax(logits_b.float(), dim=1)
-    return -((log_a.exp() * log_b).sum(dim=1) + (log_b.exp() * log_a).sum(dim=1)).mean()
+    cross_entropies = (log_a.exp() * log_b).sum(dim=1) + (log_b.exp() * log_a).sum(dim=1)
+    return -_voxel_mean(cross_entropies, region)
 
 
 def critic_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

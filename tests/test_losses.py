@@ -14,6 +14,7 @@ from cotrain.ensemble import soft_vote
 from cotrain.losses import (
     adversarial_diversity_loss,
     cross_pseudo_supervision_loss,
+    foreground_focus,
     jensen_shannon_agreement,
     jensen_shannon_map,
     symmetric_cross_entropy_agreement,
@@ -67,6 +68,57 @@ def test_jsd_reaches_log_k_for_confident_disjoint_members() -> None:
     assert jensen_shannon_map(logits).mean().item() == pytest.approx(math.log(2), rel=1e-4)
 
 
+def test_foreground_focus_averages_agreement_over_the_organ_not_the_background() -> None:
+    # Both members are sure of background everywhere except a 2x2x2 block, where member 0
+    # says foreground and member 1 is unsure; a confident disagreement-free background
+    # dilutes the plain mean by the block's share of the volume.
+    logits = torch.zeros(2, 1, 2, 8, 8, 8)
+    logits[:, :, 0] = 10.0
+    logits[0, :, :, :2, :2, :2] = torch.tensor([-10.0, 10.0]).view(2, 1, 1, 1)
+    logits[1, :, :, :2, :2, :2] = 0.0
+    region = foreground_focus(logits, 0.5)
+    assert region.shape == (1, 8, 8, 8)
+    assert region.sum().item() == 8 and region[0, :2, :2, :2].all()
+    focused = jensen_shannon_agreement(logits, region).item()
+    block = jensen_shannon_map(logits)[0, :2, :2, :2].mean().item()
+    assert focused == pytest.approx(block, rel=1e-5)
+    assert focused > 50 * jensen_shannon_agreement(logits).item()
+    a, b = logits
+    assert symmetric_cross_entropy_agreement(a, b, region).item() > 10 * (
+        symmetric_cross_entropy_agreement(a, b).item()
+    )
+
+
+@pytest.mark.parametrize("method_name", ["jsd", "dct_seg", "duo_segnet"])
+def test_agreement_focus_parameter_reaches_the_methods_agreement_term(method_name: str) -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    batch = make_batch(2)
+    with torch.no_grad():
+        aligned = ensemble(batch.unlabeled)
+    region = foreground_focus(aligned, 0.6)
+    assert 0 < region.sum() < region.numel()
+    if method_name == "duo_segnet":
+        expected = symmetric_cross_entropy_agreement(aligned[0], aligned[1], region)
+    else:
+        expected = jensen_shannon_agreement(aligned, region)
+    plain, focused = (
+        build_method(method_name, 2, 3, 1, 2, params={"agreement_focus": focus}).loss_terms(
+            ensemble, batch
+        )["agreement"]
+        for focus in (0.0, 0.6)
+    )
+    assert focused.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert focused.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_foreground_focus_rejects_a_threshold_outside_zero_one() -> None:
+    with pytest.raises(ValueError, match="agreement_focus must be in"):
+        build_method("dct_seg", 2, 3, 1, 2, params={"agreement_focus": 1.5})
+    with pytest.raises(ValueError, match="threshold must be in"):
+        foreground_focus(torch.zeros(2, 1, 2, 4, 4, 4), 0.0)
+
+
 def test_soft_vote_is_mean_of_member_softmax() -> None:
     logits = torch.randn(3, 2, 4, 6, 6, 6)
     expected = (
@@ -115,14 +167,22 @@ TERMS = {
 }
 
 
+# Methods whose agreement term can be focused on the foreground (``agreement_focus``).
+FOCUSABLE_METHODS = ("jsd", "dct_seg", "duo_segnet")
+
+
 @pytest.mark.parametrize(
-    ("method_name", "perturbed"),
-    [(name, False) for name in sorted(TERMS)] + [(name, True) for name in PERTURBABLE_METHODS],
+    ("method_name", "perturbed", "params"),
+    [(name, False, {}) for name in sorted(TERMS)]
+    + [(name, True, {}) for name in PERTURBABLE_METHODS]
+    + [(name, True, {"agreement_focus": 0.3}) for name in FOCUSABLE_METHODS],
 )
-def test_every_loss_term_sends_gradient_to_every_member(method_name: str, perturbed: bool) -> None:
+def test_every_loss_term_sends_gradient_to_every_member(
+    method_name: str, perturbed: bool, params: dict
+) -> None:
     torch.manual_seed(0)
     ensemble = Ensemble(2, 3, 1, 2, network=TINY)
-    method = build_method(method_name, 2, 3, 1, 2)
+    method = build_method(method_name, 2, 3, 1, 2, params=params)
     method.attach(ensemble)
     batch = make_batch(2)
     if perturbed:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from cotrain.losses import dice_ce_loss
+from cotrain.losses import dice_ce_loss, foreground_focus
 from cotrain.networks import Ensemble
 from cotrain.perturbation import MemberViews
 
@@ -90,6 +90,9 @@ class CoTrainingMethod(nn.Module):
                 f"unknown {self.name} parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         self.params = self.Params(**(params or {}))
+        focus = getattr(self.params, "agreement_focus", 0.0)
+        if not 0.0 <= focus < 1.0:
+            raise ValueError(f"{self.name} agreement_focus must be in [0, 1), got {focus}")
         self.num_members = num_members
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -142,6 +145,12 @@ class CoTrainingMethod(nn.Module):
             [member(x) for member, x in zip(ensemble.members, views.images, strict=True)]
         )
         return views.images, logits, views.align(logits)
+
+    def agreement_region(self, aligned_logits: torch.Tensor) -> torch.Tensor | None:
+        """Voxels the agreement term averages over: all (``None``) unless the method's
+        ``agreement_focus`` threshold is set, then :func:`cotrain.losses.foreground_focus`."""
+        focus = getattr(self.params, "agreement_focus", 0.0)
+        return foreground_focus(aligned_logits, focus) if focus > 0 else None
 
     @staticmethod
     def supervised_term(

@@ -46,6 +46,10 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: L2 size of VAT perturbations per sample, over the whole patch.
         vat_xi: L2 size of VAT's probe step (must not vanish in 3D, see ``vat_perturbation``).
         vat_power_iterations: VAT power iterations.
+        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
+            t in (0, 1) averages it over the voxels where some member gives the foreground
+            probability >= t (the organ and its uncertain rim), so background the members
+            already agree on no longer dilutes it.
         """
 
         lambda_cot: float = 0.5
@@ -57,6 +61,7 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: float = 6.0
         vat_xi: float = 10.0
         vat_power_iterations: int = 1
+        agreement_focus: float = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -76,7 +81,9 @@ class DCTSeg(CoTrainingMethod):
         )
         return {
             "supervised": supervised,
-            "agreement": jensen_shannon_agreement(aligned_logits),
+            "agreement": jensen_shannon_agreement(
+                aligned_logits, self.agreement_region(aligned_logits)
+            ),
             "diversity": diversity,
         }
 

@@ -46,6 +46,10 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: Fraction of training where both reach their maximum.
         critic_learning_rate: RMSprop learning rate of the critic (paper 5e-5).
         critic_channels: Feature channels of the critic's blocks.
+        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
+            t in (0, 1) averages it over the voxels where some member gives the foreground
+            probability >= t (the organ and its uncertain rim), so background the members
+            already agree on no longer dilutes it.
         """
 
         lambda_u: float = 0.3
@@ -54,6 +58,7 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: float = 0.3
         critic_learning_rate: float = 5e-5
         critic_channels: tuple[int, ...] = (16, 32, 64)
+        agreement_focus: float = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -74,8 +79,9 @@ class DuoSegNet(CoTrainingMethod):
             ensemble, batch
         )
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
+        region = self.agreement_region(aligned_logits)
         agreement = sum(
-            symmetric_cross_entropy_agreement(aligned_logits[a], aligned_logits[b])
+            symmetric_cross_entropy_agreement(aligned_logits[a], aligned_logits[b], region)
             for a, b in pairs
         ) / len(pairs)
 

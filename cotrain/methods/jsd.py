@@ -22,16 +22,22 @@ class JensenShannonOnly(CoTrainingMethod):
         lambda_cot: Maximum weight of the agreement term.
         rampup_start: Fraction of training at which its ramp-up starts.
         rampup_end: Fraction of training at which it reaches ``lambda_cot``.
+        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
+            t in (0, 1) averages it over the voxels where some member gives the foreground
+            probability >= t (the organ and its uncertain rim), so background the members
+            already agree on no longer dilutes it.
         """
 
         lambda_cot: float = 0.5
         rampup_start: float = 0.0
         rampup_end: float = 0.3
+        agreement_focus: float = 0.0
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
         _, _, aligned_logits = self.unlabeled_predictions(ensemble, batch)
-        return {"supervised": supervised, "agreement": jensen_shannon_agreement(aligned_logits)}
+        agreement = jensen_shannon_agreement(aligned_logits, self.agreement_region(aligned_logits))
+        return {"supervised": supervised, "agreement": agreement}
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params
