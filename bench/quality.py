@@ -216,7 +216,7 @@ def run_one(
 
 def paired_with_supervised(
     group: list[dict], supervised: dict[tuple[int, int], float]
-) -> tuple[float, float] | None:
+) -> tuple[float, float, int] | None:
     """A method's mean soft-vote Dice and the supervised one's, over the seeds both ran.
 
     Seeds change the labeled cases and the initialisation, so a gain is only measured
@@ -227,7 +227,8 @@ def paired_with_supervised(
         supervised: Supervised soft-vote Dice by ``(labeled, seed)``.
 
     Returns:
-        ``(method vote, supervised vote)``, or ``None`` when no seed has both.
+        ``(method vote, supervised vote, number of those seeds)``, or ``None`` when no seed
+        has both.
     """
     paired = [
         (r["vote_dice"], supervised[(r["labeled"], r["seed"])])
@@ -237,7 +238,7 @@ def paired_with_supervised(
     if not paired:
         return None
     votes, references = zip(*paired, strict=True)
-    return float(np.mean(votes)), float(np.mean(references))
+    return float(np.mean(votes)), float(np.mean(references)), len(paired)
 
 
 def target_lines(
@@ -256,7 +257,7 @@ def target_lines(
         paired = paired_with_supervised(group, supervised)
         if paired is None:
             continue
-        vote, reference = 100 * paired[0], 100 * paired[1]
+        vote, reference, seeds = 100 * paired[0], 100 * paired[1], paired[2]
         least_dice, least_gain = targets[labeled]
         needed = reference + least_gain
         if least_dice is not None:
@@ -266,7 +267,7 @@ def target_lines(
             f"- `{method}`, {labeled} labeled: soft vote {vote:.2f} against a target of "
             f"{needed:.2f} (supervised vote + {least_gain:g}"
             + (f", at least {least_dice:g}" if least_dice is not None else "")
-            + f"; {len(group)} seed{'s' if len(group) > 1 else ''}): {verdict}"
+            + f"; {seeds} seed{'s' if seeds > 1 else ''}): {verdict}"
         )
     return lines
 

@@ -24,6 +24,8 @@ from cotrain.networks import Ensemble
 from cotrain.perturbation import UnlabeledPerturbation
 
 TINY = {"channels": [4, 8], "strides": [2]}
+# Methods whose agreement term can be focused on the foreground (``agreement_focus``).
+FOCUSABLE_METHODS = ("jsd", "dct_seg", "duo_segnet")
 
 
 def make_batch(k: int, seed: int = 0, size: int = 16) -> Batch:
@@ -89,7 +91,7 @@ def test_foreground_focus_averages_agreement_over_the_organ_not_the_background()
     )
 
 
-@pytest.mark.parametrize("method_name", ["jsd", "dct_seg", "duo_segnet"])
+@pytest.mark.parametrize("method_name", FOCUSABLE_METHODS)
 def test_agreement_focus_parameter_reaches_the_methods_agreement_term(method_name: str) -> None:
     torch.manual_seed(0)
     ensemble = Ensemble(2, 3, 1, 2, network=TINY)
@@ -165,10 +167,6 @@ TERMS = {
     "cps": ["supervised", "pseudo_supervision"],
     "mean_teacher": ["supervised", "consistency"],
 }
-
-
-# Methods whose agreement term can be focused on the foreground (``agreement_focus``).
-FOCUSABLE_METHODS = ("jsd", "dct_seg", "duo_segnet")
 
 
 @pytest.mark.parametrize(

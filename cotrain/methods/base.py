@@ -21,7 +21,7 @@ from cotrain.perturbation import MemberViews
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "CoTrainingMethod", "LossTerms"]
+__all__ = ["AgreementFocus", "Batch", "CoTrainingMethod", "LossTerms"]
 
 #: Unweighted loss terms by name; the total is ``sum(weights[name] * term)``.
 LossTerms = dict[str, torch.Tensor]
@@ -43,6 +43,24 @@ class Batch:
     labeled: list[tuple[torch.Tensor, torch.Tensor]]
     unlabeled: torch.Tensor | None = None
     unlabeled_views: MemberViews | None = None
+
+
+@dataclass
+class AgreementFocus:
+    """Base of the ``Params`` of methods with an agreement term (DCT-Seg, Duo-SegNet, JSD).
+
+    Attributes:
+        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
+            t in (0, 1) averages it over the voxels where some member gives the foreground
+            probability >= t (the organ and its uncertain rim), so background the members
+            already agree on no longer dilutes it.
+    """
+
+    agreement_focus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.agreement_focus < 1.0:
+            raise ValueError(f"agreement_focus must be in [0, 1), got {self.agreement_focus}")
 
 
 class CoTrainingMethod(nn.Module):
@@ -90,9 +108,6 @@ class CoTrainingMethod(nn.Module):
                 f"unknown {self.name} parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         self.params = self.Params(**(params or {}))
-        focus = getattr(self.params, "agreement_focus", 0.0)
-        if not 0.0 <= focus < 1.0:
-            raise ValueError(f"{self.name} agreement_focus must be in [0, 1), got {focus}")
         self.num_members = num_members
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -148,8 +163,9 @@ class CoTrainingMethod(nn.Module):
 
     def agreement_region(self, aligned_logits: torch.Tensor) -> torch.Tensor | None:
         """Voxels the agreement term averages over: all (``None``) unless the method's
-        ``agreement_focus`` threshold is set, then :func:`cotrain.losses.foreground_focus`."""
-        focus = getattr(self.params, "agreement_focus", 0.0)
+        ``agreement_focus`` threshold is set (see :class:`AgreementFocus`), then
+        :func:`cotrain.losses.foreground_focus`."""
+        focus = self.params.agreement_focus if isinstance(self.params, AgreementFocus) else 0.0
         return foreground_focus(aligned_logits, focus) if focus > 0 else None
 
     @staticmethod

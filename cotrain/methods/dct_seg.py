@@ -22,7 +22,7 @@ import torch
 
 from cotrain.adversarial import fgsm_perturbation, vat_perturbation
 from cotrain.losses import adversarial_diversity_loss, jensen_shannon_agreement
-from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.methods.base import AgreementFocus, Batch, CoTrainingMethod, LossTerms
 from cotrain.networks import Ensemble
 from cotrain.schedules import MemberPairSampler, gaussian_rampup
 
@@ -34,7 +34,7 @@ class DCTSeg(CoTrainingMethod):
     min_members = 2
 
     @dataclass
-    class Params:
+    class Params(AgreementFocus):
         """Attributes:
         lambda_cot: Maximum weight of the JSD agreement term (paper: 0.5).
         lambda_div: Maximum weight of the adversarial diversity term (paper: 0.05).
@@ -46,10 +46,7 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: L2 size of VAT perturbations per sample, over the whole patch.
         vat_xi: L2 size of VAT's probe step (must not vanish in 3D, see ``vat_perturbation``).
         vat_power_iterations: VAT power iterations.
-        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
-            t in (0, 1) averages it over the voxels where some member gives the foreground
-            probability >= t (the organ and its uncertain rim), so background the members
-            already agree on no longer dilutes it.
+        agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
         """
 
         lambda_cot: float = 0.5
@@ -61,7 +58,6 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: float = 6.0
         vat_xi: float = 10.0
         vat_power_iterations: int = 1
-        agreement_focus: float = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

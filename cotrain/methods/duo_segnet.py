@@ -26,7 +26,7 @@ from cotrain.losses import (
     critic_discriminator_loss,
     symmetric_cross_entropy_agreement,
 )
-from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.methods.base import AgreementFocus, Batch, CoTrainingMethod, LossTerms
 from cotrain.networks import Critic, Ensemble
 from cotrain.schedules import gaussian_rampup
 
@@ -38,7 +38,7 @@ class DuoSegNet(CoTrainingMethod):
     min_members = 2
 
     @dataclass
-    class Params:
+    class Params(AgreementFocus):
         """Attributes:
         lambda_u: Maximum weight of the symmetric cross-entropy agreement (paper 0.3, code 0.4).
         lambda_c: Maximum weight of the members' adversarial (critic) loss (paper and code 0.2).
@@ -46,10 +46,7 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: Fraction of training where both reach their maximum.
         critic_learning_rate: RMSprop learning rate of the critic (paper 5e-5).
         critic_channels: Feature channels of the critic's blocks.
-        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
-            t in (0, 1) averages it over the voxels where some member gives the foreground
-            probability >= t (the organ and its uncertain rim), so background the members
-            already agree on no longer dilutes it.
+        agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
         """
 
         lambda_u: float = 0.3
@@ -58,7 +55,6 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: float = 0.3
         critic_learning_rate: float = 5e-5
         critic_channels: tuple[int, ...] = (16, 32, 64)
-        agreement_focus: float = 0.0
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

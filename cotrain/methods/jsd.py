@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cotrain.losses import jensen_shannon_agreement
-from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
+from cotrain.methods.base import AgreementFocus, Batch, CoTrainingMethod, LossTerms
 from cotrain.networks import Ensemble
 from cotrain.schedules import gaussian_rampup
 
@@ -17,21 +17,17 @@ class JensenShannonOnly(CoTrainingMethod):
     min_members = 2
 
     @dataclass
-    class Params:
+    class Params(AgreementFocus):
         """Attributes:
         lambda_cot: Maximum weight of the agreement term.
         rampup_start: Fraction of training at which its ramp-up starts.
         rampup_end: Fraction of training at which it reaches ``lambda_cot``.
-        agreement_focus: 0 averages the agreement over every voxel (the paper); a threshold
-            t in (0, 1) averages it over the voxels where some member gives the foreground
-            probability >= t (the organ and its uncertain rim), so background the members
-            already agree on no longer dilutes it.
+        agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
         """
 
         lambda_cot: float = 0.5
         rampup_start: float = 0.0
         rampup_end: float = 0.3
-        agreement_focus: float = 0.0
 
     def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
