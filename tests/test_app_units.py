@@ -22,6 +22,7 @@ use_app_lib()
 
 from lib.activelearning.disagreement import Disagreement  # noqa: E402
 from lib.configs.common import parse_model_settings  # noqa: E402
+from lib.configs.dct_seg import DCTSeg  # noqa: E402
 from lib.scheduler import COALESCED, QUEUED, STARTED, TrainScheduler  # noqa: E402
 from lib.trainers.co_training import TrainStatsWriter, split_validation  # noqa: E402
 
@@ -82,6 +83,27 @@ def test_conf_values_are_parsed() -> None:
     assert settings.val_split == pytest.approx(0.25)
     # A model-prefixed key wins for that model only.
     assert parse_model_settings(conf, "duo_segnet", "duo_segnet").train_config.epochs == 9
+
+
+def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
+    """The served DCT-Seg perturbs the unlabeled batch and focuses its agreement (the
+    benchmark's best recipe); a ``method_params`` conf changes the hyperparameters it names and
+    keeps the others, and the paper's settings are one conf away."""
+
+    def served(conf: dict[str, str]) -> Any:
+        return parse_model_settings(conf, "dct_seg", DCTSeg.method, DCTSeg.defaults).train_config
+
+    default = served({})
+    assert default.perturb_unlabeled is True
+    assert default.method_params == {"agreement_focus": 0.5}
+
+    changed = served({"method_params": '{"lambda_cot":1.0}'})
+    assert changed.method_params == {"agreement_focus": 0.5, "lambda_cot": 1.0}
+    assert DCTSeg.defaults["method_params"] == {"agreement_focus": 0.5}  # not mutated
+
+    paper = served({"perturb_unlabeled": "false", "method_params": '{"agreement_focus":0}'})
+    assert paper.perturb_unlabeled is False
+    assert paper.method_params == {"agreement_focus": 0}
 
 
 @pytest.mark.parametrize(

@@ -11,22 +11,23 @@ Everything a team changes to adapt co-training to its anatomy sits in :attr:`def
 - ``target_spacing`` and ``roi_size``: the voxel size the members see and their patch.
 
 The method, its loss weights and the serving (soft vote, uncertainty, active learning) are the
-co-training app's own (``apps/cotrain/lib``).
+co-training app's own (``apps/cotrain/lib``): the class extends the app's DCT-Seg model and
+keeps its defaults.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from lib.configs.common import CoTrainTaskConfig
+from lib.configs.dct_seg import DCTSeg
 
 
-class SpleenCT(CoTrainTaskConfig):
+class SpleenCT(DCTSeg):
     """DCT-Seg ensemble of SegResNets for the spleen on CT, served by soft voting."""
 
-    method = "dct_seg"
     summary = "DCT-Seg SegResNet ensemble for the spleen on CT"
     defaults: ClassVar[dict[str, Any]] = {
+        **DCTSeg.defaults,
         "labels": {"spleen": 1},
         "network": {
             "architecture": "segresnet",

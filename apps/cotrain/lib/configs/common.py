@@ -175,7 +175,8 @@ def parse_model_settings(
         conf: The ``--conf`` key/value strings.
         name: The model's name (for ``name.key`` overrides).
         method: The co-training method of this model.
-        defaults: TrainConfig values of this model used when ``conf`` does not set them.
+        defaults: TrainConfig values of this model used when ``conf`` does not set them;
+            a ``method_params`` in ``conf`` changes only the hyperparameters it names.
 
     Returns:
         The model's settings.
@@ -191,9 +192,13 @@ def parse_model_settings(
         if raw is None:
             continue
         try:
-            values[field.name] = _parser_for(field)(raw)
+            value = _parser_for(field)(raw)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--conf {field.name} {raw!r}: {e}") from e
+        if field.name == "method_params" and isinstance(value, dict):
+            # Set hyperparameters change those only; the model's other defaults stay.
+            value = {**values.get("method_params", {}), **value}
+        values[field.name] = value
     values["method"] = method
     train_config = TrainConfig.from_dict(values)
 
