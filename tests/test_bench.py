@@ -6,13 +6,22 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
+from cotrain.methods import build_method
 from cotrain.synthetic import write_synthetic_msd
+from tests.app_helpers import use_app_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
 sys.modules["bench_quality"] = quality  # dataclasses look their module up there
 _spec.loader.exec_module(quality)
+
+use_app_lib()
+
+from lib.configs.dct_seg import DCTSeg  # noqa: E402
+from lib.configs.duo_segnet import DuoSegNet  # noqa: E402
 
 
 def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
@@ -43,6 +52,37 @@ def test_method_spec_sets_method_and_run_settings() -> None:
     assert config.roi_size == profile.train["roi_size"]
     plain = quality.train_config(profile, *quality.parse_method("duo_segnet"), seed=0)
     assert plain.perturb_unlabeled is False and plain.method_params == {}
+
+
+def test_every_profile_method_is_a_valid_run() -> None:
+    # A misspelled setting or hyperparameter would otherwise fail hours into a GPU run.
+    for profile in quality.PROFILES.values():
+        for spec in profile.methods:
+            name, params = quality.parse_method(spec)
+            config = quality.train_config(
+                profile, "supervised" if name == "full" else name, params, 0
+            )
+            config.validate()
+            build_method(
+                config.method,
+                config.views,
+                config.spatial_dims,
+                1,
+                config.num_classes,
+                config.method_params,
+            )
+
+
+@pytest.mark.parametrize(
+    ("spec", "served"),
+    [(quality.TUNED_DCT_SEG, DCTSeg), (quality.TUNED_DUO_SEGNET, DuoSegNet)],
+)
+def test_the_benchmarked_recipes_are_the_ones_the_app_serves(spec: str, served: type) -> None:
+    profile = quality.PROFILES["quick"]
+    tuned = quality.train_config(profile, *quality.parse_method(spec), seed=0)
+    assert spec in profile.methods and tuned.method == served.method
+    assert tuned.perturb_unlabeled is served.defaults["perturb_unlabeled"]
+    assert tuned.method_params == served.defaults["method_params"]
 
 
 def test_gain_over_supervised_compares_the_same_seeds(tmp_path: Path) -> None:
