@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cotrain.config import TrainConfig
+from cotrain.config import TUNED_SETTINGS, TrainConfig
 from cotrain.data import list_msd_cases
 from cotrain.engine import MODEL_FILE, Trainer
 from cotrain.ensemble import EnsemblePredictor
@@ -46,11 +46,20 @@ logger = logging.getLogger("bench.quality")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# The recipes chosen with --tune (1000 iterations, 8 labeled; bench/results/quick-tune-1000it.md):
-# each member sees its own perturbed copy of the unlabeled batch, and the agreement term is
-# focused on foreground (DCT-Seg) or weighted 5x (Duo-SegNet). The app serves both.
-TUNED_DCT_SEG = "dct_seg:perturb_unlabeled=true,agreement_focus=0.5"
-TUNED_DUO_SEGNET = "duo_segnet:perturb_unlabeled=true,lambda_u=1.5"
+
+
+def method_spec(method: str, settings: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_method`: ``TrainConfig`` settings as a method spec, e.g.
+    ``("dct_seg", {"perturb_unlabeled": True, "method_params": {"agreement_focus": 0.5}})`` ->
+    ``"dct_seg:perturb_unlabeled=true,agreement_focus=0.5"``."""
+    flat = {k: v for k, v in settings.items() if k != "method_params"}
+    flat.update(settings.get("method_params", {}))
+    return f"{method}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in flat.items())
+
+
+# The recipes chosen with --tune (bench/results/quick-tune-1000it.md), which the app serves.
+TUNED_DCT_SEG = method_spec("dct_seg", TUNED_SETTINGS["dct_seg"])
+TUNED_DUO_SEGNET = method_spec("duo_segnet", TUNED_SETTINGS["duo_segnet"])
 #: Every method; the co-training papers both as published and as tuned.
 DEFAULT_METHODS = [
     "supervised",

@@ -13,12 +13,21 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "PERTURBABLE_METHODS", "TrainConfig", "parse_intensity"]
+__all__ = ["METHODS", "PERTURBABLE_METHODS", "TUNED_SETTINGS", "TrainConfig", "parse_intensity"]
 
 #: The methods the engine knows, by their command-line names.
 METHODS = ("dct_seg", "duo_segnet", "supervised", "jsd", "mean_teacher", "cps")
 #: The methods whose members learn from each other on unlabeled data (``perturb_unlabeled``).
 PERTURBABLE_METHODS = ("dct_seg", "duo_segnet", "jsd", "cps")
+#: TrainConfig settings that the quality benchmark measured best for the papers' methods
+#: (``bench/quality.py --tune``: 1000 iterations, 8 labeled hippocampus cases): each member sees
+#: its own perturbed copy of the unlabeled batch, and the agreement term is focused on foreground
+#: (DCT-Seg) or weighted 5x (Duo-SegNet). The app serves them; the methods' own defaults stay
+#: the papers'.
+TUNED_SETTINGS: dict[str, dict[str, Any]] = {
+    "dct_seg": {"perturb_unlabeled": True, "method_params": {"agreement_focus": 0.5}},
+    "duo_segnet": {"perturb_unlabeled": True, "method_params": {"lambda_u": 1.5}},
+}
 
 
 @dataclass

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from cotrain.config import TUNED_SETTINGS
 from cotrain.methods import build_method
 from cotrain.synthetic import write_synthetic_msd
-from tests.app_helpers import use_app_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
 sys.modules["bench_quality"] = quality  # dataclasses look their module up there
 _spec.loader.exec_module(quality)
-
-use_app_lib()
-
-from lib.configs.dct_seg import DCTSeg  # noqa: E402
-from lib.configs.duo_segnet import DuoSegNet  # noqa: E402
 
 
 def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
@@ -73,16 +69,18 @@ def test_every_profile_method_is_a_valid_run() -> None:
             )
 
 
-@pytest.mark.parametrize(
-    ("spec", "served"),
-    [(quality.TUNED_DCT_SEG, DCTSeg), (quality.TUNED_DUO_SEGNET, DuoSegNet)],
-)
-def test_the_benchmarked_recipes_are_the_ones_the_app_serves(spec: str, served: type) -> None:
-    profile = quality.PROFILES["quick"]
-    tuned = quality.train_config(profile, *quality.parse_method(spec), seed=0)
-    assert spec in profile.methods and tuned.method == served.method
-    assert tuned.perturb_unlabeled is served.defaults["perturb_unlabeled"]
-    assert tuned.method_params == served.defaults["method_params"]
+@pytest.mark.parametrize("method", sorted(TUNED_SETTINGS))
+def test_the_benchmark_runs_the_tuned_settings_the_app_serves(method: str) -> None:
+    # The spec of the served settings parses back to them, the profiles run it, and it names
+    # the committed test-split rows that justify serving them.
+    spec = quality.method_spec(method, TUNED_SETTINGS[method])
+    tuned = quality.train_config(quality.PROFILES["quick"], *quality.parse_method(spec), seed=0)
+    assert tuned.method == method
+    assert tuned.perturb_unlabeled is TUNED_SETTINGS[method]["perturb_unlabeled"]
+    assert tuned.method_params == TUNED_SETTINGS[method]["method_params"]
+    assert all(spec in profile.methods for profile in quality.PROFILES.values())
+    committed = (ROOT / "bench" / "results" / "quick-1000it.jsonl").read_text().splitlines()
+    assert spec in {json.loads(line)["method"] for line in committed}
 
 
 def test_gain_over_supervised_compares_the_same_seeds(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ the plain key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -184,7 +185,9 @@ def parse_model_settings(
     Raises:
         ValueError: Naming the setting whose value is wrong.
     """
-    values: dict[str, Any] = {"labels": dict(DEFAULT_LABELS), **(defaults or {})}
+    # A deep copy: the settings of one server never share (and so never change) the class
+    # defaults or the library constants they come from.
+    values: dict[str, Any] = {"labels": dict(DEFAULT_LABELS), **copy.deepcopy(dict(defaults or {}))}
     for field in dataclasses.fields(TrainConfig):
         if field.name in _NOT_FROM_CONF:
             continue

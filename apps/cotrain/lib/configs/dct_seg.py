@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from cotrain.config import TUNED_SETTINGS
 from lib.configs.common import CoTrainTaskConfig
 
 
@@ -20,7 +21,4 @@ class DCTSeg(CoTrainTaskConfig):
 
     method = "dct_seg"
     summary = "DCT-Seg deep co-training ensemble"
-    defaults: ClassVar[dict[str, Any]] = {
-        "perturb_unlabeled": True,
-        "method_params": {"agreement_focus": 0.5},
-    }
+    defaults: ClassVar[dict[str, Any]] = TUNED_SETTINGS["dct_seg"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from cotrain.config import TUNED_SETTINGS
 from lib.configs.common import CoTrainTaskConfig
 
 
@@ -20,7 +21,4 @@ class DuoSegNet(CoTrainTaskConfig):
 
     method = "duo_segnet"
     summary = "Duo-SegNet adversarial dual-view ensemble"
-    defaults: ClassVar[dict[str, Any]] = {
-        "perturb_unlabeled": True,
-        "method_params": {"lambda_u": 1.5},
-    }
+    defaults: ClassVar[dict[str, Any]] = TUNED_SETTINGS["duo_segnet"]
