@@ -236,6 +236,14 @@ def run_one(
             train_seconds / (config.epochs * config.iterations_per_epoch), 3
         ),
         "final_losses": state.losses,
+        # Learning curves: each epoch's mean loss terms and weights, at the iteration it ended.
+        "loss_history": [
+            {
+                "iteration": entry["epoch"] * config.iterations_per_epoch,
+                **{k: round(v, 6) for k, v in entry["losses"].items()},
+            }
+            for entry in state.history
+        ],
     }
 
 
@@ -410,6 +418,54 @@ def summarise(
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(output / f"{profile_name}.png", dpi=120)
+    plt.close(figure)
+    plot_learning_curves(rows, output / f"{profile_name}-curves.png", profile_name)
+
+
+def plot_learning_curves(rows: list[dict], path: Path, profile_name: str) -> None:
+    """Plot each method's training loss terms against iterations (mean over seeds).
+
+    One panel per term: the supervised loss (the same Dice+CE for every method, so comparable
+    across them) and each method's own agreement term (unweighted; its definition differs
+    between methods, so compare its course within a method). Rows from before the curves were
+    recorded have no ``loss_history`` and are left out; nothing is written when none has one.
+
+    Args:
+        rows: One result per run.
+        path: The PNG to write.
+        profile_name: Named in the title.
+    """
+    curves: dict[tuple[str, int], list[list[dict]]] = {}
+    for r in rows:
+        if r.get("loss_history"):
+            curves.setdefault((r["method"], r["labeled"]), []).append(r["loss_history"])
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = {"supervised": "supervised loss (Dice+CE)", "agreement": "agreement term (unweighted)"}
+    figure, axes = plt.subplots(1, len(terms), figsize=(12, 4.5))
+    for axis, (term, title) in zip(axes, terms.items(), strict=True):
+        for (method, labeled), histories in sorted(curves.items()):
+            length = min(len(h) for h in histories)
+            if term not in histories[0][0]:
+                continue
+            iterations = [histories[0][i]["iteration"] for i in range(length)]
+            means = [np.mean([h[i][term] for h in histories]) for i in range(length)]
+            axis.plot(
+                iterations, means, label=f"{method} ({labeled} labeled, {len(histories)} seeds)"
+            )
+        axis.set_xlabel("iteration")
+        axis.set_title(title)
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"cotrain learning curves ({profile_name}), epoch means over seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 

@@ -108,3 +108,50 @@ def test_gain_over_supervised_compares_the_same_seeds(tmp_path: Path) -> None:
     assert "| +2.00 |" in duo_line
     assert "soft vote 81.00 against a target of 80.50" in table and ": met" in table
     assert "supervised vote + 1.5; 2 seeds)" in table
+
+
+def test_benchmark_command_writes_results_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command a user runs, on a small synthetic MSD set: rows, table, CSV, Dice plot and
+    # learning curves are written; a second run with the same plan trains nothing again.
+    data, output = tmp_path / "msd", tmp_path / "results"
+    write_synthetic_msd(data, 10, shape=(16, 16, 16))
+    tiny = quality.Profile(
+        data=data,
+        num_test=3,
+        label_counts=[2],
+        labels={"organ": 1},
+        train={
+            "roi_size": (16, 16, 16),
+            "epochs": 2,
+            "iterations_per_epoch": 2,
+            "batch_size": 1,
+            "unlabeled_batch_size": 1,
+            "network": {"channels": [4, 8], "strides": [2]},
+            "val_interval": 0,
+        },
+        methods=["supervised", "duo_segnet"],
+        targets={2: (None, 1.5)},
+    )
+    monkeypatch.setitem(quality.PROFILES, "tiny", tiny)
+    argv = ["--profile", "tiny", "--output", str(output), "--device", "cpu"]
+
+    assert quality.main(argv) == 0
+    rows = [json.loads(line) for line in (output / "tiny.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["labeled"], r["seed"]) for r in rows] == [
+        ("supervised", 2, 0),
+        ("duo_segnet", 2, 0),
+    ]
+    for row in rows:
+        assert 0.0 <= row["vote_dice"] <= 1.0
+        # One learning-curve point per epoch, at the iteration the epoch ended.
+        assert [point["iteration"] for point in row["loss_history"]] == [2, 4]
+    assert "agreement" in rows[1]["loss_history"][-1]
+    table = (output / "tiny.md").read_text()
+    assert "| duo_segnet | 2 |" in table and "Targets:" in table
+    for name in ("tiny.csv", "tiny.png", "tiny-curves.png"):
+        assert (output / name).stat().st_size > 0
+
+    assert quality.main(argv) == 0
+    assert len((output / "tiny.jsonl").read_text().splitlines()) == 2
