@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from cotrain.config import TUNED_SETTINGS
-from cotrain.methods import build_method
 from cotrain.synthetic import write_synthetic_msd
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-quality = importlib.util.module_from_spec(_spec)
-sys.modules["bench_quality"] = quality  # dataclasses look their module up there
-_spec.loader.exec_module(quality)
+# bench/ is not a package: put it on the path, which the benchmark's spawned workers inherit.
+sys.path.insert(0, str(ROOT / "bench"))
+import quality  # noqa: E402
 
 
 def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
@@ -54,19 +51,27 @@ def test_every_profile_method_is_a_valid_run() -> None:
     # A misspelled setting or hyperparameter would otherwise fail hours into a GPU run.
     for profile in quality.PROFILES.values():
         for spec in profile.methods:
-            name, params = quality.parse_method(spec)
-            config = quality.train_config(
-                profile, "supervised" if name == "full" else name, params, 0
-            )
-            config.validate()
-            build_method(
-                config.method,
-                config.views,
-                config.spatial_dims,
-                1,
-                config.num_classes,
-                config.method_params,
-            )
+            quality.check_method_spec(profile, spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("duo_segnet:lambda_uu=1.5", "lambda_uu"),
+        ("dct_seg:perturb_unlabeled=yes", "'perturb_unlabeled=yes'"),
+        ("supervised:perturb_unlabeled=true", "perturb_unlabeled"),
+        ("co_teaching", "co_teaching"),
+    ],
+)
+def test_a_bad_method_spec_fails_before_any_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture, spec: str, named: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        quality.main(["--methods", "supervised", spec, "--output", str(tmp_path)])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert spec in message and named in message
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
 @pytest.mark.parametrize("method", sorted(TUNED_SETTINGS))
@@ -110,11 +115,13 @@ def test_gain_over_supervised_compares_the_same_seeds(tmp_path: Path) -> None:
     assert "supervised vote + 1.5; 2 seeds)" in table
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_benchmark_command_writes_results_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
-    # The command a user runs, on a small synthetic MSD set: rows, table, CSV, Dice plot and
-    # learning curves are written; a second run with the same plan trains nothing again.
+    # The command a user runs, on a small synthetic MSD set, one run at a time or two in
+    # parallel processes: rows, table, CSV, Dice plot and learning curves are written; a second
+    # run with the same plan trains nothing again.
     data, output = tmp_path / "msd", tmp_path / "results"
     write_synthetic_msd(data, 10, shape=(16, 16, 16))
     tiny = quality.Profile(
@@ -136,9 +143,11 @@ def test_benchmark_command_writes_results_and_resumes(
     )
     monkeypatch.setitem(quality.PROFILES, "tiny", tiny)
     argv = ["--profile", "tiny", "--output", str(output), "--device", "cpu"]
+    argv += ["--workers", str(workers)]
 
     assert quality.main(argv) == 0
     rows = [json.loads(line) for line in (output / "tiny.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: r["method"], reverse=True)  # parallel runs end in any order
     assert [(r["method"], r["labeled"], r["seed"]) for r in rows] == [
         ("supervised", 2, 0),
         ("duo_segnet", 2, 0),
