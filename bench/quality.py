@@ -49,7 +49,7 @@ from cotrain.config import TUNED_SETTINGS, TrainConfig
 from cotrain.data import list_msd_cases
 from cotrain.engine import MODEL_FILE, Trainer
 from cotrain.ensemble import EnsemblePredictor
-from cotrain.methods import build_method
+from cotrain.methods import METHOD_CLASSES
 from cotrain.metrics import dice_and_hd95, load_reference, mean_over_cases
 
 logger = logging.getLogger("bench.quality")
@@ -161,8 +161,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def check_method_spec(profile: Profile, spec: str) -> None:
-    """Build the run's configuration and method without training, so that a misspelled method,
-    setting or hyperparameter fails before any run and not hours into a benchmark.
+    """Build the run's configuration and hyperparameters without training, so that a misspelled
+    method, setting or hyperparameter fails before any run and not hours into a benchmark.
 
     Raises:
         ValueError: Naming the spec and what is wrong with it.
@@ -170,14 +170,7 @@ def check_method_spec(profile: Profile, spec: str) -> None:
     name, params = parse_method(spec)
     try:
         config = train_config(profile, "supervised" if name == "full" else name, params, seed=0)
-        build_method(  # single-channel images, as the Trainer builds it
-            config.method,
-            config.views,
-            config.spatial_dims,
-            1,
-            config.num_classes,
-            config.method_params,
-        )
+        METHOD_CLASSES[config.method].parse_params(config.method_params)
     except (TypeError, ValueError) as error:
         raise ValueError(f"method {spec!r}: {error}") from None
 

@@ -101,13 +101,7 @@ class CoTrainingMethod(nn.Module):
             raise ValueError(
                 f"{self.name} needs at least {self.min_members} members, got {num_members}"
             )
-        known = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = sorted(set(params or {}) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown {self.name} parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        self.params = self.Params(**(params or {}))
+        self.params = self.parse_params(params)
         self.num_members = num_members
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -115,6 +109,24 @@ class CoTrainingMethod(nn.Module):
         self.seed = seed
         #: Averages a module's gradients over processes; the engine sets it when distributed.
         self.reduce_gradients: Callable[[nn.Module], None] = lambda module: None
+
+    @classmethod
+    def parse_params(cls, params: dict[str, Any] | None) -> Params:
+        """The method's hyperparameters from overrides of its ``Params`` fields.
+
+        Args:
+            params: Field names to values; ``None`` keeps every default.
+
+        Raises:
+            ValueError: Naming the unknown fields, or a value out of its range.
+        """
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(params or {}) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.name} parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls.Params(**(params or {}))
 
     def attach(self, ensemble: Ensemble) -> None:
         """Hook called once the ensemble exists (before a checkpoint is loaded into the method)."""
