@@ -126,6 +126,22 @@ def test_conf_keeps_the_grid_and_rejects_bad_values() -> None:
         parse_model_settings({"intensity": "minmax"}, "dct_seg", "dct_seg")
 
 
+@pytest.mark.parametrize(
+    ("method_params", "named"),
+    [
+        ('{"lambda_uu": 1}', "unknown dct_seg parameters: lambda_uu"),
+        ('{"agreement_focus": 1.5}', "agreement_focus"),
+    ],
+)
+def test_conf_rejects_bad_method_params_at_startup(method_params: str, named: str) -> None:
+    """A misspelt or out-of-range hyperparameter stops the server at start, naming it, instead
+    of failing the first training hours later."""
+    with pytest.raises(ValueError, match=named):
+        parse_model_settings(
+            {"method_params": method_params}, "dct_seg", DCTSeg.method, DCTSeg.defaults
+        )
+
+
 def test_select_models() -> None:
     main = _load_main()
     assert main.select_models({"models": "dct_seg"}) == ["dct_seg"]

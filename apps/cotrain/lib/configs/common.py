@@ -28,6 +28,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from cotrain.config import TrainConfig
+from cotrain.methods import METHOD_CLASSES
 from lib.activelearning import Disagreement
 from lib.infers import EnsembleInfer
 from lib.scoring import EnsembleDisagreement
@@ -204,6 +205,12 @@ def parse_model_settings(
         values[field.name] = value
     values["method"] = method
     train_config = TrainConfig.from_dict(values)
+    # Checked here, at server start, rather than when the first training starts. (Not in
+    # TrainConfig: a served model whose settings name a since-removed hyperparameter must load.)
+    try:
+        METHOD_CLASSES[method].parse_params(train_config.method_params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--conf method_params {train_config.method_params}: {e}") from e
 
     app: dict[str, Any] = {}
     for key, parse in (
