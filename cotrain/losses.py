@@ -132,22 +132,38 @@ def adversarial_diversity_loss(
 
 
 def symmetric_cross_entropy_agreement(
-    logits_a: torch.Tensor, logits_b: torch.Tensor, region: torch.Tensor | None = None
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    region: torch.Tensor | None = None,
+    entropy_weight: float = 1.0,
 ) -> torch.Tensor:
     """Duo-SegNet agreement loss ``L_u`` (Peiris et al. 2021, Eq. 5).
 
     ``L_u = -E[ <p_a, log p_b> + <p_b, log p_a> ]``; gradients reach both members (the
     official code computed it through ``.item()``, so it never trained anything).
 
+    The two cross-entropies are the members' own entropies plus the two KL divergences,
+    ``H(p_a) + H(p_b) + KL(p_a || p_b) + KL(p_b || p_a)``: the entropy part pushes each member
+    towards confidence, the KL part towards the other member. ``entropy_weight`` scales the
+    entropy part: 1 is the paper's loss, 0 leaves the symmetric KL divergence, which (like
+    Jensen-Shannon) is zero wherever the members agree, however unsure.
+
     Args:
         logits_a: ``(B, C, *spatial)`` first member on an unlabeled batch.
         logits_b: ``(B, C, *spatial)`` second member on the same batch.
         region: ``(B, *spatial)`` bool voxels to average over; every voxel when ``None``.
+        entropy_weight: Weight of the members' own entropies (>= 0).
     """
+    if entropy_weight < 0:
+        raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
     log_a = torch.log_softmax(logits_a.float(), dim=1)
     log_b = torch.log_softmax(logits_b.float(), dim=1)
-    cross_entropies = (log_a.exp() * log_b).sum(dim=1) + (log_b.exp() * log_a).sum(dim=1)
-    return -_voxel_mean(cross_entropies, region)
+    p_a, p_b = log_a.exp(), log_b.exp()
+    cross_entropies = -(p_a * log_b).sum(dim=1) - (p_b * log_a).sum(dim=1)
+    if entropy_weight != 1.0:
+        entropies = -(p_a * log_a).sum(dim=1) - (p_b * log_b).sum(dim=1)
+        cross_entropies = cross_entropies - (1.0 - entropy_weight) * entropies
+    return _voxel_mean(cross_entropies, region)
 
 
 def critic_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

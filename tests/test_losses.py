@@ -141,6 +141,27 @@ def test_symmetric_cross_entropy_is_smallest_for_agreeing_confident_members() ->
     assert disagree > 10.0
 
 
+def test_symmetric_cross_entropy_entropy_weight_splits_entropy_from_disagreement() -> None:
+    """``entropy_weight`` 0 leaves the symmetric KL: zero for members that agree however
+    unsure (where the paper's loss is their entropies), positive where they disagree; values
+    in between interpolate linearly."""
+    unsure = torch.zeros(1, 2, 4, 4, 4)  # p = (0.5, 0.5) everywhere
+    assert symmetric_cross_entropy_agreement(unsure, unsure).item() == pytest.approx(
+        2 * math.log(2), rel=1e-5
+    )
+    assert symmetric_cross_entropy_agreement(unsure, unsure, entropy_weight=0.0).item() == (
+        pytest.approx(0.0, abs=1e-6)
+    )
+    a, b = torch.randn(2, 2, 3, 4, 4, 4)
+    paper, kl, half = (
+        symmetric_cross_entropy_agreement(a, b, entropy_weight=w).item() for w in (1.0, 0.0, 0.5)
+    )
+    assert kl > 0
+    assert half == pytest.approx((paper + kl) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="entropy_weight"):
+        build_method("duo_segnet", 2, 3, 1, 2, params={"entropy_weight": -1.0})
+
+
 def test_diversity_loss_is_zero_when_other_matches_source_and_only_other_learns() -> None:
     source = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
     other = source.detach().clone().requires_grad_(True)
@@ -173,7 +194,8 @@ TERMS = {
     ("method_name", "perturbed", "params"),
     [(name, False, {}) for name in sorted(TERMS)]
     + [(name, True, {}) for name in PERTURBABLE_METHODS]
-    + [(name, True, {"agreement_focus": 0.3}) for name in FOCUSABLE_METHODS],
+    + [(name, True, {"agreement_focus": 0.3}) for name in FOCUSABLE_METHODS]
+    + [("duo_segnet", True, {"entropy_weight": 0.0})],
 )
 def test_every_loss_term_sends_gradient_to_every_member(
     method_name: str, perturbed: bool, params: dict

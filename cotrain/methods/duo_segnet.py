@@ -46,6 +46,9 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: Fraction of training where both reach their maximum.
         critic_learning_rate: RMSprop learning rate of the critic (paper 5e-5).
         critic_channels: Feature channels of the critic's blocks.
+        entropy_weight: Weight of the members' own entropies inside ``L_u`` (1: the paper's
+            symmetric cross-entropy; 0: the symmetric KL divergence, zero wherever the members
+            agree; see :func:`~cotrain.losses.symmetric_cross_entropy_agreement`).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
         """
 
@@ -55,6 +58,12 @@ class DuoSegNet(CoTrainingMethod):
         rampup_end: float = 0.3
         critic_learning_rate: float = 5e-5
         critic_channels: tuple[int, ...] = (16, 32, 64)
+        entropy_weight: float = 1.0
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.entropy_weight < 0:
+                raise ValueError(f"entropy_weight must be >= 0, got {self.entropy_weight}")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -77,7 +86,9 @@ class DuoSegNet(CoTrainingMethod):
         pairs = list(itertools.combinations(range(len(ensemble)), 2))
         region = self.agreement_region(aligned_logits)
         agreement = sum(
-            symmetric_cross_entropy_agreement(aligned_logits[a], aligned_logits[b], region)
+            symmetric_cross_entropy_agreement(
+                aligned_logits[a], aligned_logits[b], region, self.params.entropy_weight
+            )
             for a, b in pairs
         ) / len(pairs)
 
