@@ -450,8 +450,9 @@ def summarise(
             f"| {method} | {labeled} | {stat([r['vote_dice'] for r in g], 100)} | {stat([r['member_dice'] for r in g], 100)} "
             f"| {delta} | {stat([r['vote_hd95'] for r in g])} | {stat([r['seconds_per_iteration'] for r in g])} | {len(g)} |"
         )
-    if targets:
-        lines += ["", "Targets:", "", *target_lines(groups, supervised, targets)]
+    checked = target_lines(groups, supervised, targets)
+    if checked:
+        lines += ["", "Targets:", "", *checked]
     lines += [
         "",
         "s/iteration is the wall time per training step on the machine that ran the benchmark,",
