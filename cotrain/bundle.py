@@ -2,13 +2,13 @@
 
 The bundle holds the member weights (``models/model.pt``, one state dict per member), an
 inference configuration (``configs/inference.json``) that rebuilds every member as a plain
-MONAI network and reproduces :class:`cotrain.ensemble.EnsemblePredictor` with MONAI
+MONAI network and reproduces :class:`cotrain.inference.EnsemblePredictor` with MONAI
 components only, metadata (``configs/metadata.json``), a logging configuration and a README:
 
-- preprocessing: the transforms of :func:`cotrain.data.preprocessing` (load, channel first,
-  RAS, optional resampling, z-score or CT window), written out as config items;
+- preprocessing: :func:`cotrain.data.preprocessing_definition` (load, channel first, RAS,
+  optional resampling, z-score or CT window), the items cotrain builds its own transforms from;
 - each member's logits with ``SlidingWindowInferer`` (window, overlap and blending of
-  :func:`cotrain.ensemble.member_logits_sliding_window`), run by ``EnsembleEvaluator``;
+  :func:`cotrain.inference.member_logits_sliding_window`), run by ``EnsembleEvaluator``;
 - soft voting: ``Activationsd(softmax)`` on every member and ``MeanEnsembled``;
 - ``Invertd`` takes the class probabilities back to the image's own grid, ``AsDiscreted``
   takes their argmax (the order cotrain uses), ``SaveImaged`` writes the label with the
@@ -25,7 +25,6 @@ import datetime
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -39,13 +38,16 @@ from monai.bundle import ConfigParser
 
 from cotrain.checkpoint import DIGEST_KEY, CorruptModelError, load_file
 from cotrain.config import TrainConfig, parse_intensity
-from cotrain.ensemble import (
+from cotrain.data import preprocessing_definition
+from cotrain.files import json_safe
+from cotrain.inference import (
     SLIDING_WINDOW_BATCH_SIZE,
     SLIDING_WINDOW_MODE,
     SLIDING_WINDOW_OVERLAP,
     ensemble_from_payload,
 )
 from cotrain.networks import Ensemble
+from cotrain.networks import member_definition as network_definition
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +82,6 @@ _METHOD_REFERENCES = {
     "pseudo supervision. CVPR 2021.",
 }
 
-#: MONAI network class of each architecture name :func:`cotrain.networks.build_member` knows.
-_NETWORK_TARGETS = {
-    "unet": "monai.networks.nets.UNet",
-    "basicunet": "monai.networks.nets.BasicUNet",
-    "segresnet": "monai.networks.nets.SegResNet",
-}
-
 _LOGGING_CONF = """\
 [loggers]
 keys=root
@@ -117,101 +112,24 @@ def member_weights_key(index: int) -> str:
     return f"member_{index}"
 
 
-def _json_ready(value: Any) -> Any:
-    """``value`` with tuples as lists and non-finite floats as ``None`` (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _json_ready(value.item())
-    return value
-
-
 def member_definition(spec: dict[str, Any]) -> dict[str, Any]:
-    """One member as a MONAI bundle config item, with the arguments
-    :func:`cotrain.networks.build_member` gives the network (so its state dict loads).
+    """One member as a MONAI bundle config item: :func:`cotrain.networks.member_definition`,
+    the definition cotrain itself builds members from, as strict JSON.
 
     Args:
         spec: The ensemble's ``spec`` (``spatial_dims``, ``in_channels``, ``num_classes``,
             ``network``) as stored in the model file.
 
-    Returns:
-        ``{"_target_": "monai.networks.nets.NAME", ...keyword arguments}``.
-
     Raises:
         ValueError: If the architecture is not one cotrain builds.
     """
-    network = copy.deepcopy(dict(spec["network"]))
-    architecture = str(network.pop("architecture", "unet")).lower()
-    if architecture not in _NETWORK_TARGETS:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; use {', '.join(sorted(_NETWORK_TARGETS))}"
-        )
-    if architecture == "unet":  # the defaults build_member adds
-        network.setdefault("channels", (16, 32, 64, 128))
-        network.setdefault("strides", (2,) * (len(network["channels"]) - 1))
-        network.setdefault("num_res_units", 2)
-        network.setdefault("norm", ("instance", {"affine": True}))
-    definition = {
-        "_target_": _NETWORK_TARGETS[architecture],
-        "spatial_dims": int(spec["spatial_dims"]),
-        "in_channels": int(spec["in_channels"]),
-        "out_channels": int(spec["num_classes"]),
-        **network,
-    }
-    return _json_ready(definition)
-
-
-def _preprocessing_definition(config: TrainConfig) -> list[dict[str, Any]]:
-    """The transforms of :func:`cotrain.data.preprocessing` for the image alone, as config
-    items (same transforms, same arguments)."""
-    steps: list[dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-        {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {
-            "_target_": "Orientationd",
-            "keys": "image",
-            "axcodes": "RAS"[: config.spatial_dims],
-            "labels": [["L", "R"], ["P", "A"], ["I", "S"]],
-        },
-    ]
-    if config.target_spacing is not None:
-        steps.append(
-            {
-                "_target_": "Spacingd",
-                "keys": "image",
-                "pixdim": list(config.target_spacing),
-                "mode": "bilinear",
-            }
-        )
-    kind, window = parse_intensity(config.intensity)
-    if kind == "zscore":
-        steps.append(
-            {
-                "_target_": "NormalizeIntensityd",
-                "keys": "image",
-                "nonzero": True,
-                "channel_wise": True,
-            }
-        )
-    else:
-        low, high = window
-        steps.append(
-            {
-                "_target_": "ScaleIntensityRanged",
-                "keys": "image",
-                "a_min": low,
-                "a_max": high,
-                "b_min": 0.0,
-                "b_max": 1.0,
-                "clip": True,
-            }
-        )
-    steps.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
-    return steps
+    definition = network_definition(
+        int(spec["spatial_dims"]),
+        int(spec["in_channels"]),
+        int(spec["num_classes"]),
+        **dict(spec["network"]),
+    )
+    return json_safe(definition)
 
 
 def inference_config(spec: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
@@ -239,7 +157,10 @@ def inference_config(spec: dict[str, Any], config: TrainConfig) -> dict[str, Any
         "+ glob.glob(os.path.join(@dataset_dir, '*.nii')))",
         "network_defs": [copy.deepcopy(definition) for _ in range(num_members)],
         "networks": [f"$@network_defs#{i}.to(@device)" for i in range(num_members)],
-        "preprocessing": {"_target_": "Compose", "transforms": _preprocessing_definition(config)},
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": preprocessing_definition(config, keys=("image",)),
+        },
         "dataset": {
             "_target_": "Dataset",
             "data": "$[{'image': path} for path in @datalist]",
@@ -337,7 +258,7 @@ def _metadata(payload: dict[str, Any], ensemble: Ensemble, config: TrainConfig) 
         if isinstance(created, int | float)
         else None
     )
-    metrics = _json_ready(payload.get("metrics", {}))
+    metrics = json_safe(payload.get("metrics", {}))
     best_dice = metrics.get("best_metric")  # -1 when the run never validated
     validation_dice = best_dice if isinstance(best_dice, float) and best_dice >= 0 else None
     required_packages = {
@@ -419,7 +340,7 @@ def _metadata(payload: dict[str, Any], ensemble: Ensemble, config: TrainConfig) 
             "epochs": payload.get("epoch"),
             "trained_at": trained_at,
             "metrics": metrics,
-            "config": _json_ready(config.to_dict()),
+            "config": json_safe(config.to_dict()),
             "model_sha256": payload.get(DIGEST_KEY),
         },
     }

@@ -1,4 +1,5 @@
-"""Model and checkpoint files: written atomically with a digest, verified when read back.
+"""Model and checkpoint files: what they hold, written atomically with a digest, verified when
+read back.
 
 Two kinds of file live in a run's output folder:
 
@@ -14,6 +15,9 @@ a file whose content does not match, so a damaged file (disk error, partial copy
 never used. A served model is replaced only by :func:`publish_model`, which verifies the new
 file and keeps the one it replaces as ``NAME.prev.pt``; :func:`load_model_with_fallback`
 returns to that previous model when the current one cannot be used.
+
+The training engine writes and reads them through :func:`save_checkpoint`,
+:func:`restore_checkpoint`, :func:`warm_start` and :func:`publish_weights`.
 """
 
 from __future__ import annotations
@@ -21,17 +25,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from cotrain.config import TrainConfig
 from cotrain.files import atomic_copy, atomic_write, fsync_directory
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "DIGEST_KEY",
+    "MODEL_FILE",
     "MODEL_FORMAT",
     "CorruptModelError",
     "content_digest",
@@ -39,8 +48,17 @@ __all__ = [
     "load_model_with_fallback",
     "previous_model_path",
     "publish_model",
+    "publish_weights",
+    "restore_checkpoint",
     "save_atomically",
+    "save_checkpoint",
+    "warm_start",
 ]
+
+#: The served ensemble a completed run writes into its output folder.
+MODEL_FILE = "model.pt"
+#: Everything needed to resume a run, rewritten after every epoch.
+CHECKPOINT_FILE = "checkpoint.pt"
 
 #: Format tag and version written into every model and checkpoint file. Version 2 added the
 #: content digest; version 1 files (no digest) are still read.
@@ -202,3 +220,122 @@ def load_model_with_fallback(
             raise CorruptModelError(
                 f"no usable model: {error}; previous model: {previous_error}"
             ) from previous_error
+
+
+def model_payload(
+    config: TrainConfig, ensemble: nn.Module, weights: dict[str, torch.Tensor], state: Any
+) -> dict[str, Any]:
+    """What ``model.pt`` holds: the run's configuration, the ensemble's spec and ``weights``,
+    the validation metrics and the epoch (``state`` is the engine's ``TrainState``)."""
+    return {
+        "config": config.to_dict(),
+        "ensemble": {"spec": ensemble.spec, "state_dict": weights},
+        "metrics": {
+            "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch,
+            **state.metrics,
+        },
+        "epoch": state.epoch,
+        "created": time.time(),
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    config: TrainConfig,
+    ensemble: nn.Module,
+    state: Any,
+    training: dict[str, Any],
+    method: nn.Module,
+    best_weights: dict[str, torch.Tensor] | None,
+) -> Path:
+    """Write ``checkpoint.pt``: the model, every object with a ``state_dict`` in ``training``
+    (optimiser, LR schedule, gradient scaler), the method's state and its own optimisers,
+    the best weights so far and the engine's ``TrainState``."""
+    payload = model_payload(config, ensemble, ensemble.state_dict(), state)
+    payload.update({name: part.state_dict() for name, part in training.items()})
+    payload.update(
+        {
+            "method": method.state_dict(),
+            "auxiliary_optimizers": {
+                n: o.state_dict() for n, o in method.auxiliary_optimizers().items()
+            },
+            "best_weights": best_weights,
+            "state": state.to_dict(),
+        }
+    )
+    return save_atomically(payload, path)
+
+
+def restore_checkpoint(
+    path: str | Path,
+    config: TrainConfig,
+    ensemble: nn.Module,
+    training: dict[str, Any],
+    method: nn.Module,
+    map_location: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Load ``checkpoint.pt`` into the run's objects (the inverse of :func:`save_checkpoint`).
+
+    Returns:
+        The saved ``TrainState`` fields and the best weights so far.
+    """
+    payload = load_file(path, map_location=map_location)
+    if payload["config"] != config.to_dict():
+        logger.warning("resuming with a configuration that differs from the checkpoint's")
+    ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+    for name, part in training.items():
+        part.load_state_dict(payload[name])
+    method.load_state_dict(payload["method"])
+    for name, optimizer in method.auxiliary_optimizers().items():
+        optimizer.load_state_dict(payload["auxiliary_optimizers"][name])
+    logger.info("resumed from %s at epoch %d", path, payload["state"]["epoch"])
+    return payload["state"], payload["best_weights"]
+
+
+def warm_start(
+    model_path: str | Path, ensemble: nn.Module, map_location: str | torch.device = "cpu"
+) -> bool:
+    """Load a served model's weights into ``ensemble`` (its previous version if it cannot be
+    read; see :func:`load_model_with_fallback`).
+
+    Returns:
+        Whether the weights were loaded; ``False``, with a warning, if no file could be read
+        or its ensemble differs from ``ensemble``.
+    """
+    try:
+        payload, source = load_model_with_fallback(model_path, map_location)
+    except (CorruptModelError, FileNotFoundError) as error:
+        logger.warning("not warm-starting: %s; training from scratch", error)
+        return False
+    if payload["ensemble"]["spec"] != ensemble.spec:
+        logger.warning("not warm-starting from %s: its ensemble differs from this run's", source)
+        return False
+    ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+    logger.info("warm start from %s", source)
+    return True
+
+
+def publish_weights(
+    path: str | Path,
+    config: TrainConfig,
+    ensemble: nn.Module,
+    weights: dict[str, torch.Tensor],
+    state: Any,
+) -> Path:
+    """Write ``model.pt`` with ``weights`` atomically.
+
+    Raises:
+        FloatingPointError: If a weight is NaN or infinite (nothing is written).
+    """
+    broken = [
+        name
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise FloatingPointError(
+            f"not publishing {Path(path).name}: {len(broken)} weight tensors hold NaN or "
+            f"infinite values (e.g. {broken[0]})"
+        )
+    return save_atomically(model_payload(config, ensemble, weights, state), path)

@@ -22,12 +22,14 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from cotrain.config import METHODS, TrainConfig
+from cotrain.checkpoint import MODEL_FILE
+from cotrain.config import TrainConfig
 from cotrain.data import list_msd_cases, read_case_list
 from cotrain.distributed import init_from_environment, is_main_process, shutdown
-from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
-from cotrain.ensemble import EnsemblePredictor
-from cotrain.metrics import dice_and_hd95, load_reference, mean_over_cases
+from cotrain.engine import TrainCallback, Trainer, TrainState
+from cotrain.evaluation import evaluate_predictor
+from cotrain.inference import EnsemblePredictor
+from cotrain.methods import METHOD_CLASSES
 
 logger = logging.getLogger("cotrain")
 
@@ -120,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     labels = json.loads(args.labels) if args.labels else _infer_labels(labeled)
     settings: dict[str, Any] = {
         "method": args.method,
-        "views": args.views,
+        "members": args.members,
         "labels": labels,
         "roi_size": args.roi,
         "target_spacing": args.spacing,
@@ -200,32 +202,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cases = [c for c in cases if "label" in c]
     if not cases:
         raise SystemExit("no cases with labels to evaluate")
-    labels = predictor.labels
-    per_case = []
-    for case in tqdm(cases, desc="evaluate", unit="case"):
-        prediction = predictor.predict_file(case["image"], members=True)
-        reference, spacing, _ = load_reference(case["label"])
-        per_case.append(
-            {
-                "name": case["name"],
-                "vote": dice_and_hd95(prediction.label, reference, labels, spacing),
-                "members": [
-                    dice_and_hd95(m, reference, labels, spacing) for m in prediction.member_labels
-                ],
-            }
-        )
-
-    k = len(per_case[0]["members"])
+    results = evaluate_predictor(
+        predictor, cases, progress=lambda c: tqdm(c, desc="evaluate", unit="case")
+    )
     report = {
         "model": str(_model_path(args.model)),
         "method": predictor.config.method,
-        "cases": len(per_case),
-        "vote": mean_over_cases([c["vote"] for c in per_case], labels),
-        "members": [mean_over_cases([c["members"][i] for c in per_case], labels) for i in range(k)],
+        **results,
     }
-    report["member_mean_dice"] = float(np.mean([m["mean_dice"] for m in report["members"]]))
-    if args.per_case:
-        report["per_case"] = per_case
+    if not args.per_case:
+        del report["per_case"]
     print(json.dumps(report, indent=2))
     return 0
 
@@ -290,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an ensemble on an MSD-layout folder")
-    train.add_argument("--method", choices=METHODS, required=True)
+    train.add_argument("--method", choices=list(METHOD_CLASSES), required=True)
     train.add_argument("--data", required=True, help="MSD folder (imagesTr/, labelsTr/)")
     train.add_argument(
         "--labeled", type=int, default=0, help="the first N cases (sorted) are labeled"
@@ -301,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-list", help="file of case names to leave out entirely (e.g. a test split)"
     )
     train.add_argument("--output", required=True, help="output folder (model.pt, checkpoint.pt)")
-    train.add_argument("--views", type=int, default=2, help="ensemble members k")
+    train.add_argument(
+        "--members",
+        "--views",
+        type=int,
+        default=2,
+        help="ensemble members k (--views: former name)",
+    )
     train.add_argument("--epochs", type=int, default=50)
     train.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
     train.add_argument("--seed", type=int, default=0)

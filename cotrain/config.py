@@ -11,14 +11,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from cotrain.methods import METHOD_CLASSES
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "PERTURBABLE_METHODS", "TUNED_SETTINGS", "TrainConfig", "parse_intensity"]
+__all__ = ["TUNED_SETTINGS", "TrainConfig", "parse_intensity"]
 
-#: The methods the engine knows, by their command-line names.
-METHODS = ("dct_seg", "duo_segnet", "supervised", "jsd", "mean_teacher", "cps")
-#: The methods whose members learn from each other on unlabeled data (``perturb_unlabeled``).
-PERTURBABLE_METHODS = ("dct_seg", "duo_segnet", "jsd", "cps")
+#: Former names of settings, still read from model files and settings written with them.
+RENAMED_SETTINGS = {"views": "members"}
 #: TrainConfig settings that the quality benchmark measured best for the papers' methods
 #: (``bench/quality.py --tune``: 1000 iterations, 8 labeled hippocampus cases): each member sees
 #: its own perturbed copy of the unlabeled batch, and the agreement term is focused on foreground
@@ -35,8 +35,9 @@ class TrainConfig:
     """Everything that defines a co-training run.
 
     Attributes:
-        method: One of :data:`METHODS`.
-        views: Number of ensemble members k (Duo-SegNet and CPS use pairs; k >= 2 there).
+        method: A method name of :data:`cotrain.methods.METHOD_CLASSES`.
+        members: Number of ensemble members k (each method sets its least k; formerly
+            ``views``, a name still accepted by :meth:`from_dict`).
         labels: Foreground label names to their voxel values; background is 0.
         roi_size: Patch size for training and the sliding-window size at inference.
         target_spacing: Voxel size (mm) to resample to, or ``None`` to keep the images' grid.
@@ -49,7 +50,7 @@ class TrainConfig:
         perturb_unlabeled: Give each member its own randomly flipped and intensity-perturbed
             copy of the unlabeled batch; agreement terms compare the predictions flipped back
             onto the shared grid (see :mod:`cotrain.perturbation`). For the methods whose
-            members learn from each other: dct_seg, duo_segnet, jsd, cps.
+            members learn from each other (``perturbable`` methods).
         unlabeled_cutout: With ``perturb_unlabeled``, also blank a random box in each member's
             copy, its side this fraction of the patch side (0: no box).
         learning_rate: Initial learning rate of the members' optimiser (AdamW, polynomial decay).
@@ -66,7 +67,7 @@ class TrainConfig:
     """
 
     method: str = "dct_seg"
-    views: int = 2
+    members: int = 2
     labels: dict[str, int] = field(default_factory=lambda: {"foreground": 1})
     roi_size: tuple[int, ...] = (96, 96, 96)
     target_spacing: tuple[float, ...] | None = None
@@ -109,12 +110,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting that is wrong."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.views < 1:
-            raise ValueError(f"views must be >= 1, got {self.views}")
-        if self.method in ("dct_seg", "duo_segnet", "jsd", "cps") and self.views < 2:
-            raise ValueError(f"method {self.method!r} needs views >= 2, got {self.views}")
+        method = METHOD_CLASSES.get(self.method)
+        if method is None:
+            raise ValueError(
+                f"unknown method {self.method!r}; choose one of {', '.join(METHOD_CLASSES)}"
+            )
+        if self.members < method.min_members:
+            raise ValueError(
+                f"method {self.method!r} needs members >= {method.min_members}, got {self.members}"
+            )
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"roi_size must have 2 or 3 values, got {self.roi_size}")
         if any(s < 8 for s in self.roi_size):
@@ -132,10 +136,10 @@ class TrainConfig:
         for name in ("epochs", "iterations_per_epoch", "batch_size", "unlabeled_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.perturb_unlabeled and self.method not in PERTURBABLE_METHODS:
+        if self.perturb_unlabeled and not method.perturbable:
+            perturbable = [name for name, cls in METHOD_CLASSES.items() if cls.perturbable]
             raise ValueError(
-                f"perturb_unlabeled applies to {', '.join(PERTURBABLE_METHODS)}, "
-                f"not to {self.method!r}"
+                f"perturb_unlabeled applies to {', '.join(perturbable)}, not to {self.method!r}"
             )
         if not 0.0 <= self.unlabeled_cutout < 1.0:
             raise ValueError(f"unlabeled_cutout must be in [0, 1), got {self.unlabeled_cutout}")
@@ -156,8 +160,10 @@ class TrainConfig:
         """Build from a dict; unknown keys are an error that names them.
 
         Args:
-            d: Settings, as written by :meth:`to_dict`.
+            d: Settings, as written by :meth:`to_dict` (former names of settings, such as
+                ``views`` for ``members``, are read as the new ones).
         """
+        d = {RENAMED_SETTINGS.get(k, k): v for k, v in d.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

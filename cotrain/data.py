@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai import transforms as mt
+from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader
 
 from cotrain.config import TrainConfig, parse_intensity
@@ -26,6 +28,7 @@ __all__ = [
     "list_msd_cases",
     "make_loader",
     "preprocessing",
+    "preprocessing_definition",
     "read_case_list",
     "training_transforms",
 ]
@@ -67,40 +70,83 @@ def read_case_list(path: str | Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label")) -> mt.Compose:
-    """Deterministic preprocessing: load, channel first, RAS, optional resampling, intensity.
+def preprocessing_definition(
+    config: TrainConfig, keys: Sequence[str] = ("image", "label")
+) -> list[dict[str, Any]]:
+    """The deterministic preprocessing as MONAI config items: load, channel first, RAS,
+    optional resampling, intensity normalisation.
 
-    It is invertible (MONAI ``Invertd``), which is how predictions return to the image's grid.
+    This is its one definition: :func:`preprocessing` builds the transforms from it, and an
+    exported MONAI bundle writes it out (for the image alone), so both preprocess alike.
+
+    Args:
+        config: Provides ``target_spacing`` and ``intensity``.
+        keys: ``"image"`` and optionally ``"label"``.
+
+    Returns:
+        ``{"_target_": "NAME", **arguments}`` per MONAI dictionary transform, plain JSON data.
+    """
+    keys = list(keys)
+    steps: list[dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": keys},
+        {
+            "_target_": "Orientationd",
+            "keys": keys,
+            "axcodes": "RAS"[: config.spatial_dims],
+            "labels": [["L", "R"], ["P", "A"], ["I", "S"]],
+        },
+    ]
+    if config.target_spacing is not None:
+        modes = ["bilinear" if k == "image" else "nearest" for k in keys]
+        steps.append(
+            {
+                "_target_": "Spacingd",
+                "keys": keys,
+                "pixdim": list(config.target_spacing),
+                "mode": modes,
+            }
+        )
+    kind, window = parse_intensity(config.intensity)
+    if kind == "zscore":
+        steps.append(
+            {
+                "_target_": "NormalizeIntensityd",
+                "keys": "image",
+                "nonzero": True,
+                "channel_wise": True,
+            }
+        )
+    else:
+        low, high = window
+        steps.append(
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "image",
+                "a_min": low,
+                "a_max": high,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            }
+        )
+    steps.append({"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"})
+    if "label" in keys:
+        steps.append({"_target_": "EnsureTyped", "keys": "label", "dtype": "$torch.long"})
+    return steps
+
+
+def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label")) -> mt.Compose:
+    """The transforms of :func:`preprocessing_definition`, built by MONAI's config parser.
+
+    They are invertible (MONAI ``Invertd``), which is how predictions return to the image's grid.
 
     Args:
         config: Provides ``target_spacing`` and ``intensity``.
         keys: ``"image"`` and optionally ``"label"``.
     """
-    keys = list(keys)
-    modes = ["bilinear" if k == "image" else "nearest" for k in keys]
-    steps: list = [
-        mt.LoadImaged(keys, image_only=True),
-        mt.EnsureChannelFirstd(keys),
-        mt.Orientationd(
-            keys,
-            axcodes="RAS"[: config.spatial_dims],
-            labels=(("L", "R"), ("P", "A"), ("I", "S")),
-        ),
-    ]
-    if config.target_spacing is not None:
-        steps.append(mt.Spacingd(keys, pixdim=config.target_spacing, mode=modes))
-    kind, window = parse_intensity(config.intensity)
-    if kind == "zscore":
-        steps.append(mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
-    else:
-        low, high = window
-        steps.append(
-            mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-        )
-    steps.append(mt.EnsureTyped("image", dtype=torch.float32))
-    if "label" in keys:
-        steps.append(mt.EnsureTyped("label", dtype=torch.long))
-    return mt.Compose(steps)
+    definition = {"_target_": "Compose", "transforms": preprocessing_definition(config, keys)}
+    return ConfigParser({"preprocessing": definition}).get_parsed_content("preprocessing")
 
 
 def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:

@@ -7,6 +7,8 @@ validate (Dice of each member and of the soft vote, members' disagreement); save
 ``checkpoint.pt``. Only when every epoch completed is ``model.pt`` published, atomically (the
 best validated ensemble, or the last one without validation).
 
+The loop lives here; the batches come from :mod:`cotrain.streams`, the validation from
+:mod:`cotrain.evaluation`, and what checkpoint and model files hold from :mod:`cotrain.checkpoint`.
 Progress reaches callers through :class:`TrainCallback` objects carrying a :class:`TrainState`.
 """
 
@@ -21,46 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.metrics import compute_dice
-from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 
 from cotrain.checkpoint import (
-    CorruptModelError,
-    load_file,
-    load_model_with_fallback,
-    save_atomically,
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    publish_weights,
+    restore_checkpoint,
+    save_checkpoint,
+    warm_start,
 )
 from cotrain.config import TrainConfig
-from cotrain.data import infinite_batches, make_loader, preprocessing, training_transforms
-from cotrain.distributed import (
-    all_reduce_gradients,
-    check_replicas_identical,
-    is_main_process,
-    rank,
-)
-from cotrain.ensemble import default_device, member_logits_sliding_window, soft_vote
-from cotrain.losses import jensen_shannon_map
+from cotrain.distributed import all_reduce_gradients, check_replicas_identical, is_main_process
+from cotrain.evaluation import validate_ensemble
+from cotrain.inference import default_device
 from cotrain.methods import Batch, CoTrainingMethod, build_method
 from cotrain.networks import Ensemble
-from cotrain.perturbation import UnlabeledPerturbation
-from cotrain.schedules import split_labeled_views
+from cotrain.streams import BatchStreams
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CHECKPOINT_FILE",
-    "MODEL_FILE",
     "TrainCallback",
     "TrainState",
     "Trainer",
     "TrainingStopped",
 ]
-
-MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class TrainingStopped(RuntimeError):
@@ -162,17 +151,16 @@ class Trainer:
         )
         self._stop = threading.Event()
         self._best_weights: dict[str, torch.Tensor] | None = None
-        self._perturbation: UnlabeledPerturbation | None = None
 
     # ----------------------------------------------------------------- hooks (override to customise)
     def build_ensemble(self) -> Ensemble:
         c = self.config
-        return Ensemble(c.views, c.spatial_dims, 1, c.num_classes, seed=c.seed, network=c.network)
+        return Ensemble(c.members, c.spatial_dims, 1, c.num_classes, seed=c.seed, network=c.network)
 
     def build_method(self) -> CoTrainingMethod:
         c = self.config
         return build_method(
-            c.method, c.views, c.spatial_dims, 1, c.num_classes, c.method_params, c.seed
+            c.method, c.members, c.spatial_dims, 1, c.num_classes, c.method_params, c.seed
         )
 
     def build_optimizer(self, ensemble: Ensemble) -> torch.optim.Optimizer:
@@ -187,6 +175,25 @@ class Trainer:
         """Polynomial decay (power 0.9) over all iterations, as in nnU-Net."""
         total = self.config.epochs * self.config.iterations_per_epoch
         return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+
+    def build_streams(self) -> BatchStreams:
+        """The run's batches (see :class:`cotrain.streams.BatchStreams`)."""
+        c = self.config
+        streams = BatchStreams(
+            c, self.labeled, self.unlabeled, self.method.uses_unlabeled, self.device
+        )
+        logger.info(
+            "training %s: %d members, %d labeled (subsets of %s cases), %d unlabeled, "
+            "%d validation, device %s",
+            c.method,
+            c.members,
+            len(self.labeled),
+            [len(s) for s in streams.subsets],
+            len(self.unlabeled),
+            len(self.validation),
+            self.device,
+        )
+        return streams
 
     # ----------------------------------------------------------------- public API
     def request_stop(self) -> None:
@@ -221,10 +228,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         first_epoch = self._restore()
 
-        labeled_batches, unlabeled_batches = self._build_data()
+        streams = self.build_streams()
         self._emit("on_train_start")
         for epoch in range(first_epoch, c.epochs):
-            self._train_epoch(epoch, labeled_batches, unlabeled_batches, start)
+            self._train_epoch(epoch, streams, start)
             if (
                 is_main_process()
                 and self.validation
@@ -258,75 +265,6 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, event)(self.state)
 
-    def _build_data(self):
-        c = self.config
-        views = split_labeled_views(len(self.labeled), c.views, c.shared_fraction, seed=c.seed)
-        labeled_transform = training_transforms(c, labeled=True)
-        labeled_batches = [
-            infinite_batches(
-                make_loader(
-                    [self.labeled[i] for i in view],
-                    labeled_transform,
-                    c.batch_size,
-                    c,
-                    seed=c.seed + 101 * v + 1000 * rank(),
-                )
-            )
-            for v, view in enumerate(views)
-        ]
-        unlabeled_batches = None
-        if self.method.uses_unlabeled:
-            pool = self.unlabeled
-            if not pool:
-                logger.warning(
-                    "no unlabeled images: the labeled images are used as unlabeled data too"
-                )
-                pool = [{"image": case["image"]} for case in self.labeled]
-            unlabeled_batches = infinite_batches(
-                make_loader(
-                    pool,
-                    training_transforms(c, labeled=False),
-                    c.unlabeled_batch_size,
-                    c,
-                    seed=c.seed + 7 + 1000 * rank(),
-                )
-            )
-            if c.perturb_unlabeled:
-                cutout = tuple(max(1, round(c.unlabeled_cutout * s)) for s in c.roi_size)
-                self._perturbation = UnlabeledPerturbation(
-                    c.spatial_dims,
-                    seed=c.seed + 13 + 1000 * rank(),
-                    cutout_size=cutout if c.unlabeled_cutout else None,
-                )
-        logger.info(
-            "training %s: %d members, %d labeled (views of %s cases), %d unlabeled, %d validation, device %s",
-            c.method,
-            c.views,
-            len(self.labeled),
-            [len(v) for v in views],
-            len(self.unlabeled),
-            len(self.validation),
-            self.device,
-        )
-        return labeled_batches, unlabeled_batches
-
-    def _next_batch(self, labeled_batches, unlabeled_batches) -> Batch:
-        labeled = []
-        for batches in labeled_batches:
-            data = next(batches)
-            labeled.append(
-                (
-                    data["image"].as_tensor().to(self.device),
-                    data["label"].as_tensor().to(self.device),
-                )
-            )
-        unlabeled, views = None, None
-        if unlabeled_batches is not None:
-            unlabeled = next(unlabeled_batches)["image"].as_tensor().to(self.device)
-            if self._perturbation is not None:
-                views = self._perturbation(unlabeled, self.config.views)
-        return Batch(labeled=labeled, unlabeled=unlabeled, unlabeled_views=views)
-
     def train_step(self, batch: Batch, progress: float) -> dict[str, float]:
         """One optimiser step of the members (and the method's own step). Returns the reported values."""
         self.ensemble.train()
@@ -353,14 +291,14 @@ class Trainer:
         reported.update(extras)
         return reported
 
-    def _train_epoch(self, epoch: int, labeled_batches, unlabeled_batches, start: float) -> None:
+    def _train_epoch(self, epoch: int, streams: BatchStreams, start: float) -> None:
         c = self.config
         sums: dict[str, float] = {}
         for iteration in range(c.iterations_per_epoch):
             if self._stop.is_set():
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
-            batch = self._next_batch(labeled_batches, unlabeled_batches)
+            batch = streams.next_batch()
             reported = self.train_step(batch, progress)
             for name, value in reported.items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -371,45 +309,12 @@ class Trainer:
         self.state.losses = {name: total / c.iterations_per_epoch for name, total in sums.items()}
         self.state.losses["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
 
-    @torch.no_grad()
-    def _case_dice(self, logits: torch.Tensor, target: torch.Tensor) -> np.ndarray:
-        """Dice per foreground class of one case's prediction (NaN where the class is absent)."""
-        prediction = one_hot(logits.argmax(1, keepdim=True), self.config.num_classes)
-        return compute_dice(prediction, target, include_background=False)[0].cpu().numpy()
-
     def _validate(self) -> None:
-        """Dice of each member and of the soft vote on the validation cases (whole volumes)."""
-        c = self.config
-        self.ensemble.eval()
-        transform = preprocessing(c, keys=("image", "label"))
-        # Per-case Dice (k members + the vote) x classes. MONAI's DiceMetric.aggregate() would
-        # all-gather across processes, and only rank 0 validates: it would wait forever.
-        member_scores: list[list[np.ndarray]] = [[] for _ in range(c.views)]
-        vote_scores: list[np.ndarray] = []
-        disagreements = []
-        for case in self.validation:
-            data = transform({"image": case["image"], "label": case["label"]})
-            image = data["image"].as_tensor().unsqueeze(0).to(self.device)
-            target = one_hot(data["label"].as_tensor().unsqueeze(0).to(self.device), c.num_classes)
-            with torch.autocast(self.device.type, enabled=self.use_amp):
-                logits = member_logits_sliding_window(self.ensemble, image, c.roi_size)
-            for scores, member_logits in zip(member_scores, logits, strict=True):
-                scores.append(self._case_dice(member_logits, target))
-            vote_scores.append(self._case_dice(soft_vote(logits), target))
-            disagreements.append(float(jensen_shannon_map(logits).mean()))
-        per_class = np.nanmean(np.stack(vote_scores), axis=0)
-        names = sorted(c.labels, key=c.labels.get)
-        vote_dice = float(np.nanmean(per_class))
-        self.state.metrics = {
-            "vote_dice": vote_dice,
-            "vote_dice_per_class": {
-                name: float(v) for name, v in zip(names, per_class, strict=True)
-            },
-            "member_dice": [
-                float(np.nanmean(np.nanmean(np.stack(m), axis=0))) for m in member_scores
-            ],
-            "disagreement": float(np.mean(disagreements)),
-        }
+        """Dice of each member and of the soft vote on the validation cases; keeps the best."""
+        self.state.metrics = validate_ensemble(
+            self.ensemble, self.validation, self.config, self.device, self.use_amp
+        )
+        vote_dice = self.state.metrics["vote_dice"]
         if vote_dice > self.state.best_metric:
             self.state.best_metric = vote_dice
             self.state.best_epoch = self.state.epoch + 1
@@ -423,69 +328,46 @@ class Trainer:
             self.state.metrics["disagreement"],
         )
 
-    def _model_payload(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _training_parts(self) -> dict[str, Any]:
+        """The objects besides the members and the method that a checkpoint holds, by key."""
         return {
-            "config": self.config.to_dict(),
-            "ensemble": {"spec": self.ensemble.spec, "state_dict": state_dict},
-            "metrics": {
-                "best_metric": self.state.best_metric,
-                "best_epoch": self.state.best_epoch,
-                **self.state.metrics,
-            },
-            "epoch": self.state.epoch,
-            "created": time.time(),
+            "optimizer": self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "scaler": self.scaler,
         }
 
     def _save_checkpoint(self) -> None:
-        payload = self._model_payload(self.ensemble.state_dict())
-        payload.update(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "method": self.method.state_dict(),
-                "auxiliary_optimizers": {
-                    n: o.state_dict() for n, o in self.method.auxiliary_optimizers().items()
-                },
-                "best_weights": self._best_weights,
-                "state": self.state.to_dict(),
-            }
+        save_checkpoint(
+            self.output_dir / CHECKPOINT_FILE,
+            self.config,
+            self.ensemble,
+            self.state,
+            self._training_parts(),
+            self.method,
+            self._best_weights,
         )
-        save_atomically(payload, self.output_dir / CHECKPOINT_FILE)
 
     def _restore(self) -> int:
         """Load a checkpoint to resume, or warm-start weights; returns the first epoch to run."""
         checkpoint = self.output_dir / CHECKPOINT_FILE
         if self.resume and checkpoint.exists():
-            payload = load_file(checkpoint, map_location=self.device)
-            if payload["config"] != self.config.to_dict():
-                logger.warning("resuming with a configuration that differs from the checkpoint's")
-            self.ensemble.load_state_dict(payload["ensemble"]["state_dict"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            self.lr_scheduler.load_state_dict(payload["lr_scheduler"])
-            self.scaler.load_state_dict(payload["scaler"])
-            self.method.load_state_dict(payload["method"])
-            for name, optimizer in self.method.auxiliary_optimizers().items():
-                optimizer.load_state_dict(payload["auxiliary_optimizers"][name])
-            self._best_weights = payload["best_weights"]
-            self.state = TrainState(**payload["state"])
-            logger.info("resumed from %s at epoch %d", checkpoint, self.state.epoch)
+            state, self._best_weights = restore_checkpoint(
+                checkpoint,
+                self.config,
+                self.ensemble,
+                self._training_parts(),
+                self.method,
+                self.device,
+            )
+            self.state = TrainState(**state)
             return self.state.epoch
-        if self.init_model is not None and self.init_model.exists():
-            try:
-                payload, source = load_model_with_fallback(self.init_model, self.device)
-            except (CorruptModelError, FileNotFoundError) as error:
-                logger.warning("not warm-starting: %s; training from scratch", error)
-                return 0
-            if payload["ensemble"]["spec"] == self.ensemble.spec:
-                self.ensemble.load_state_dict(payload["ensemble"]["state_dict"])
-                self.method.attach(self.ensemble)  # e.g. teachers start from the warm weights
-                self.method.to(self.device)
-                logger.info("warm start from %s", source)
-            else:
-                logger.warning(
-                    "not warm-starting from %s: its ensemble differs from this run's", source
-                )
+        if (
+            self.init_model is not None
+            and self.init_model.exists()
+            and warm_start(self.init_model, self.ensemble, self.device)
+        ):
+            self.method.attach(self.ensemble)  # e.g. teachers start from the warm weights
+            self.method.to(self.device)
         return 0
 
     def _publish(self) -> None:
@@ -497,17 +379,9 @@ class Trainer:
         weights = (
             self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
         )
-        broken = [
-            name
-            for name, tensor in weights.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-        ]
-        if broken:
-            raise FloatingPointError(
-                f"not publishing {MODEL_FILE}: {len(broken)} weight tensors hold NaN or "
-                f"infinite values (e.g. {broken[0]})"
-            )
-        path = save_atomically(self._model_payload(weights), self.output_dir / MODEL_FILE)
+        path = publish_weights(
+            self.output_dir / MODEL_FILE, self.config, self.ensemble, weights, self.state
+        )
         logger.info(
             "published %s (best vote Dice %.4f at epoch %d)",
             path,

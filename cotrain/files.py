@@ -1,15 +1,17 @@
-"""File helpers shared by the library and the app: atomic writes and copies, NIfTI names, and
-whether a path stays inside a folder."""
+"""File helpers shared by the library and the app: atomic writes and copies, strict JSON,
+NIfTI names, and whether a path stays inside a folder."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -17,7 +19,9 @@ __all__ = [
     "atomic_write",
     "fsync_directory",
     "is_inside",
+    "json_safe",
     "nifti_name",
+    "write_json_atomically",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -89,3 +93,23 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
     resolved = Path(os.path.realpath(path))
     root = Path(os.path.realpath(folder))
     return resolved == root or root in resolved.parents
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as strict JSON data: tuples as lists, NaN and infinite floats as ``None`` (strict
+    JSON readers reject them), one-element tensors as numbers, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:
+        return json_safe(value.item())  # a torch tensor, without importing torch here
+    return value
+
+
+def write_json_atomically(data: Any, path: str | Path) -> None:
+    """Write ``data`` as strict JSON (:func:`json_safe`) to ``path`` with :func:`atomic_write`."""
+    with atomic_write(path, "w") as f:
+        json.dump(json_safe(data), f, indent=2)

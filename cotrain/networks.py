@@ -13,15 +13,64 @@ from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import UNet
+from monai.utils.module import locate
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Critic", "Ensemble", "build_member"]
+__all__ = ["ARCHITECTURES", "Critic", "Ensemble", "build_member", "member_definition"]
 
-#: MONAI networks a member can be, by name.
-_ARCHITECTURES = {"unet": UNet}
+#: MONAI network class of each architecture a member can be, by name.
+ARCHITECTURES = {
+    "unet": "monai.networks.nets.UNet",
+    "basicunet": "monai.networks.nets.BasicUNet",
+    "segresnet": "monai.networks.nets.SegResNet",
+}
+
+
+def member_definition(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    architecture: str = "unet",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """One member network as a MONAI config item: the class and every argument it is built
+    with (cotrain's defaults filled in). :func:`build_member` builds it, and an exported MONAI
+    bundle writes it out, so both make the same network.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        out_channels: Classes including background (the network returns logits).
+        architecture: ``"unet"``, ``"basicunet"`` or ``"segresnet"`` (see :data:`ARCHITECTURES`).
+        **kwargs: Network arguments (e.g. ``channels``, ``strides`` for the UNet).
+
+    Returns:
+        ``{"_target_": "monai.networks.nets.NAME", **arguments}``.
+
+    Raises:
+        ValueError: If the architecture is unknown.
+    """
+    architecture = architecture.lower()
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; use {', '.join(sorted(ARCHITECTURES))}"
+        )
+    kwargs = copy.deepcopy(kwargs)
+    if architecture == "unet":
+        kwargs.setdefault("channels", (16, 32, 64, 128))
+        kwargs.setdefault("strides", (2,) * (len(kwargs["channels"]) - 1))
+        kwargs.setdefault("num_res_units", 2)
+        # Instance norm with an affine: robust at the small batch sizes of 3D training.
+        kwargs.setdefault("norm", ("instance", {"affine": True}))
+    return {
+        "_target_": ARCHITECTURES[architecture],
+        "spatial_dims": spatial_dims,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        **kwargs,
+    }
 
 
 def build_member(
@@ -31,32 +80,10 @@ def build_member(
     architecture: str = "unet",
     **kwargs: Any,
 ) -> nn.Module:
-    """Build one segmentation network.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: Image channels.
-        out_channels: Classes including background (the network returns logits).
-        architecture: Name of the MONAI network (``"unet"``, or ``"basicunet"``/``"segresnet"``).
-        **kwargs: Passed to the network (e.g. ``channels``, ``strides`` for the UNet).
-    """
-    architecture = architecture.lower()
-    if architecture == "unet":
-        kwargs.setdefault("channels", (16, 32, 64, 128))
-        kwargs.setdefault("strides", (2,) * (len(kwargs["channels"]) - 1))
-        kwargs.setdefault("num_res_units", 2)
-        # Instance norm with an affine: robust at the small batch sizes of 3D training.
-        kwargs.setdefault("norm", ("instance", {"affine": True}))
-        return UNet(spatial_dims, in_channels, out_channels, **kwargs)
-    if architecture == "basicunet":
-        from monai.networks.nets import BasicUNet
-
-        return BasicUNet(spatial_dims, in_channels, out_channels, **kwargs)
-    if architecture == "segresnet":
-        from monai.networks.nets import SegResNet
-
-        return SegResNet(spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
-    raise ValueError(f"unknown architecture {architecture!r}; use unet, basicunet or segresnet")
+    """Build one segmentation network (the arguments of :func:`member_definition`)."""
+    arguments = member_definition(spatial_dims, in_channels, out_channels, architecture, **kwargs)
+    network_class = locate(arguments.pop("_target_"))
+    return network_class(**arguments)
 
 
 class Ensemble(nn.Module):

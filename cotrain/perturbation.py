@@ -1,4 +1,4 @@
-"""Per-member views of the unlabeled batch: each member sees its own perturbed copy.
+"""Per-member copies of the unlabeled batch: each member sees its own perturbed copy.
 
 When every member sees the same unlabeled image, the agreement terms only pull members that
 already agree closer together (their Jensen-Shannon divergence is ~0.003 nats per voxel on
@@ -21,11 +21,11 @@ from monai.utils import convert_to_tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemberViews", "UnlabeledPerturbation"]
+__all__ = ["MemberCopies", "UnlabeledPerturbation"]
 
 
 @dataclass
-class MemberViews:
+class MemberCopies:
     """Each member's perturbed copy of an unlabeled batch.
 
     Attributes:
@@ -52,7 +52,7 @@ class MemberViews:
 
 
 class UnlabeledPerturbation:
-    """Makes :class:`MemberViews`: a random flip per member and spatial axis (probability 0.5)
+    """Makes :class:`MemberCopies`: a random flip per member and spatial axis (probability 0.5)
     and a random intensity perturbation per member and image (MONAI transforms).
 
     The intensity perturbation acts on normalised images (z-scores or [0, 1] CT windows): a
@@ -96,7 +96,7 @@ class UnlabeledPerturbation:
         self.transforms = mt.Compose(steps)
         self.transforms.set_random_state(seed + 1)
 
-    def __call__(self, images: torch.Tensor, num_members: int) -> MemberViews:
+    def __call__(self, images: torch.Tensor, num_members: int) -> MemberCopies:
         """Perturbed copies of ``images`` (``(B, C_in, *spatial)``), one per member."""
         copies, flipped_dims = [], []
         for _ in range(num_members):
@@ -111,4 +111,4 @@ class UnlabeledPerturbation:
             )
             copies.append(torch.flip(perturbed, dims) if dims else perturbed)
             flipped_dims.append(dims)
-        return MemberViews(torch.stack(copies), flipped_dims)
+        return MemberCopies(torch.stack(copies), flipped_dims)

@@ -1,5 +1,5 @@
-"""Schedules and sampling: the Gaussian ramp-up of the loss weights, per-view labeled subsets,
-and the member pairs that DCT-Seg updates each iteration."""
+"""Schedules and sampling: the Gaussian ramp-up of the loss weights, each member's labeled
+subset, and the member pairs that DCT-Seg updates each iteration."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GaussianRampUp", "MemberPairSampler", "gaussian_rampup", "split_labeled_views"]
+__all__ = ["MemberPairSampler", "gaussian_rampup", "split_labeled_subsets"]
 
 
 def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> float:
@@ -34,41 +33,24 @@ def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> f
     return float(maximum * math.exp(-5.0 * phase * phase))
 
 
-@dataclass(frozen=True)
-class GaussianRampUp:
-    """A loss weight that follows :func:`gaussian_rampup` over epochs.
-
-    Attributes:
-        maximum: Weight after the ramp.
-        t_start: Epoch at which the ramp starts.
-        t_end: Epoch at which the weight reaches ``maximum``.
-    """
-
-    maximum: float
-    t_start: float = 0.0
-    t_end: float = 0.0
-
-    def __call__(self, epoch: float) -> float:
-        return gaussian_rampup(epoch, self.maximum, self.t_start, self.t_end)
-
-
-def split_labeled_views(
-    num_labeled: int, num_views: int, shared_fraction: float = 1.0, seed: int = 0
+def split_labeled_subsets(
+    num_labeled: int, num_members: int, shared_fraction: float = 1.0, seed: int = 0
 ) -> list[list[int]]:
-    """Labeled subsets per view: a shared part plus exclusive chunks (DCT-Seg, Sec. 3.2.1).
+    """Each member's labeled subset: a shared part plus exclusive chunks (DCT-Seg, Sec. 3.2.1,
+    where a member's subset is its "view").
 
-    The cases are shuffled; the first ``round(shared_fraction * n)`` go to every view and the
-    rest is dealt into ``num_views`` exclusive chunks. With ``shared_fraction=1`` (the official
-    default) every view sees every labeled case.
+    The cases are shuffled; the first ``round(shared_fraction * n)`` go to every member and the
+    rest is dealt into ``num_members`` exclusive chunks. With ``shared_fraction=1`` (the official
+    default) every member sees every labeled case.
 
     Args:
         num_labeled: Number of labeled cases n.
-        num_views: Number of members k.
-        shared_fraction: Fraction of the cases that all views share.
+        num_members: Number of members k.
+        shared_fraction: Fraction of the cases that all members share.
         seed: Seed of the shuffle.
 
     Returns:
-        For each view, the sorted indices of its labeled cases (never empty when ``n >= 1``).
+        For each member, the sorted indices of its labeled cases (never empty when ``n >= 1``).
     """
     if num_labeled < 1:
         raise ValueError("at least one labeled case is needed")
@@ -76,11 +58,11 @@ def split_labeled_views(
     random.Random(seed).shuffle(order)
     num_shared = round(shared_fraction * num_labeled)
     shared, rest = order[:num_shared], order[num_shared:]
-    views = [sorted(shared + rest[v::num_views]) for v in range(num_views)]
-    for v, view in enumerate(views):
-        if not view:  # too few cases to deal one to every view: lend the shared pool's
-            views[v] = sorted(order[: max(1, num_shared)])
-    return views
+    subsets = [sorted(shared + rest[m::num_members]) for m in range(num_members)]
+    for m, subset in enumerate(subsets):
+        if not subset:  # too few cases to deal one to every member: lend the shared pool's
+            subsets[m] = sorted(order[: max(1, num_shared)])
+    return subsets
 
 
 class MemberPairSampler:

@@ -33,7 +33,7 @@ T = TypeVar("T")
 TINY_SERVER_CONF = {
     "models": "dct_seg",
     "labels": '{"organ":1}',
-    "views": "2",
+    "members": "2",
     "roi_size": "[16,16,16]",
     "epochs": "1",
     "iterations_per_epoch": "2",
@@ -48,7 +48,7 @@ TINY_SERVER_CONF = {
 #: patches, a 3-level UNet, 2 members, 3 epochs x 8 iterations; training starts at 3 labels.
 FAST_SERVER_CONF = {
     "labels": json.dumps({"organ": 1}),
-    "views": "2",
+    "members": "2",
     "roi_size": "[24, 24, 24]",
     "intensity": "zscore",
     "epochs": "3",

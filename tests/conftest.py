@@ -32,7 +32,7 @@ def tiny_config(**overrides) -> TrainConfig:
     """A configuration that trains in seconds on 32^3 CPU volumes."""
     settings = {
         "method": "supervised",
-        "views": 2,
+        "members": 2,
         "labels": {"organ": 1},
         "roi_size": (32, 32, 32),
         "network": TINY_NETWORK,

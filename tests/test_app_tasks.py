@@ -28,7 +28,7 @@ from lib.trainers import CoTrainTask  # noqa: E402
 HIPPOCAMPUS = SHARED_DATA / "hippocampus"
 TINY = {
     "method": "dct_seg",
-    "views": 2,
+    "members": 2,
     "labels": {"organ": 1},
     "roi_size": (16, 16, 16),
     "network": {"channels": [8, 16, 32], "strides": [2, 2]},

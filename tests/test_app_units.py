@@ -51,7 +51,7 @@ def test_conf_defaults() -> None:
 def test_conf_values_are_parsed() -> None:
     conf = {
         "labels": '{"anterior": 1, "posterior": 2}',
-        "views": "3",
+        "members": "3",
         "roi_size": "48",
         "target_spacing": "1,1,1.5",
         "intensity": "ct:-1000,1000",
@@ -69,7 +69,7 @@ def test_conf_values_are_parsed() -> None:
     settings = parse_model_settings(conf, "dct_seg", "dct_seg")
     c = settings.train_config
     assert c.labels == {"anterior": 1, "posterior": 2}
-    assert c.views == 3
+    assert c.members == 3
     assert c.roi_size == (48, 48, 48)
     assert c.target_spacing == (1.0, 1.0, 1.5)
     assert c.intensity == "ct:-1000,1000"

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from cotrain.bundle import INFERENCE_CONFIG, METADATA_FILE, README_FILE, WEIGHTS_FILE
-from cotrain.checkpoint import DIGEST_KEY, load_file, save_atomically
+from cotrain.checkpoint import DIGEST_KEY, MODEL_FILE, load_file, save_atomically
 from cotrain.cli import main
-from cotrain.engine import MODEL_FILE, Trainer
-from cotrain.ensemble import (
+from cotrain.engine import Trainer
+from cotrain.inference import (
     SLIDING_WINDOW_BATCH_SIZE,
     SLIDING_WINDOW_MODE,
     SLIDING_WINDOW_OVERLAP,

@@ -127,7 +127,7 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
         "train",
         "--method",
         "dct_seg",
-        "--views",
+        "--members",
         "1",
         "--data",
         str(tmp_path / "msd"),
@@ -136,7 +136,7 @@ def test_bad_input_gets_a_clear_error(tmp_path: Path) -> None:
         "--output",
         str(tmp_path / "o"),
     )
-    assert bad_method.returncode == 2 and "needs views >= 2" in bad_method.stderr
+    assert bad_method.returncode == 2 and "needs members >= 2" in bad_method.stderr
     no_model = run_cli(
         "predict",
         "--model",

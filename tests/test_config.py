@@ -12,7 +12,7 @@ from cotrain.config import TrainConfig, parse_intensity
     ("settings", "message"),
     [
         ({"method": "dct"}, "unknown method 'dct'"),
-        ({"method": "dct_seg", "views": 1}, "needs views >= 2"),
+        ({"method": "dct_seg", "members": 1}, "needs members >= 2"),
         ({"roi_size": (32, 32, 32, 32)}, "roi_size must have 2 or 3 values"),
         ({"labels": {"a": 1, "b": 3}}, "without gaps"),
         ({"intensity": "ct:100,-100"}, "LOW must be below HIGH"),
@@ -53,3 +53,10 @@ def test_foreign_or_truncated_model_files_are_refused(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         load_file(tmp_path / "missing.pt")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_former_setting_names_still_load() -> None:
+    """Model files written before ``views`` was renamed ``members`` keep loading."""
+    old = TrainConfig(members=3).to_dict()
+    old["views"] = old.pop("members")
+    assert TrainConfig.from_dict(old).members == 3

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cotrain.ensemble import EnsemblePredictor
+from cotrain.inference import EnsemblePredictor
 from cotrain.launch import gpu_ids, process_count, train_in_processes
 from tests.conftest import tiny_config
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cotrain.config import PERTURBABLE_METHODS
-from cotrain.ensemble import soft_vote
+from cotrain.inference import soft_vote
 from cotrain.losses import (
     adversarial_diversity_loss,
     cross_pseudo_supervision_loss,
@@ -193,7 +192,7 @@ TERMS = {
 @pytest.mark.parametrize(
     ("method_name", "perturbed", "params"),
     [(name, False, {}) for name in sorted(TERMS)]
-    + [(name, True, {}) for name in PERTURBABLE_METHODS]
+    + [(name, True, {}) for name, cls in METHOD_CLASSES.items() if cls.perturbable]
     + [(name, True, {"agreement_focus": 0.3}) for name in FOCUSABLE_METHODS]
     + [("duo_segnet", True, {"entropy_weight": 0.0})],
 )
@@ -206,7 +205,7 @@ def test_every_loss_term_sends_gradient_to_every_member(
     method.attach(ensemble)
     batch = make_batch(2)
     if perturbed:
-        batch.unlabeled_views = UnlabeledPerturbation(3, seed=0)(batch.unlabeled, 2)
+        batch.unlabeled_copies = UnlabeledPerturbation(3, seed=0)(batch.unlabeled, 2)
     terms = method.loss_terms(ensemble, batch)
     assert sorted(terms) == sorted(TERMS[method_name])
     for name, term in terms.items():

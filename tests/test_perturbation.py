@@ -1,4 +1,4 @@
-"""Per-member views of the unlabeled batch: each member gets its own flip and intensity
+"""Per-member copies of the unlabeled batch: each member gets its own flip and intensity
 perturbation, and the agreement terms compare predictions on the shared grid."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from torch import nn
 
 from cotrain.losses import jensen_shannon_agreement
 from cotrain.methods import Batch, CoTrainingMethod
-from cotrain.perturbation import MemberViews, UnlabeledPerturbation
+from cotrain.perturbation import MemberCopies, UnlabeledPerturbation
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -18,19 +18,19 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_members_get_different_copies_that_align_back_onto_the_image() -> None:
     images = torch.randn(2, 1, 8, 10, 12, generator=torch.Generator().manual_seed(0))
-    views = UnlabeledPerturbation(3, seed=0)(images, num_members=8)
+    copies = UnlabeledPerturbation(3, seed=0)(images, num_members=8)
 
-    assert views.images.shape == (8, *images.shape)
-    assert any(views.flipped_dims), "no member got a flip"
+    assert copies.images.shape == (8, *images.shape)
+    assert any(copies.flipped_dims), "no member got a flip"
     # Every copy is perturbed, and no two members see the same input.
     for i in range(8):
-        assert not torch.allclose(views.images[i], images)
+        assert not torch.allclose(copies.images[i], images)
         for j in range(i):
-            assert not torch.allclose(views.images[i], views.images[j])
+            assert not torch.allclose(copies.images[i], copies.images[j])
     # Aligned, each copy is the image up to its intensity perturbation; a flipped copy that is
     # not flipped back is not.
-    aligned = views.align(views.images)
-    for copy, dims in zip(aligned, views.flipped_dims, strict=True):
+    aligned = copies.align(copies.images)
+    for copy, dims in zip(aligned, copies.flipped_dims, strict=True):
         assert correlation(copy, images) > 0.7
         if dims:
             assert correlation(torch.flip(copy, dims), images) < 0.3
@@ -38,9 +38,9 @@ def test_members_get_different_copies_that_align_back_onto_the_image() -> None:
 
 def test_cutout_blanks_one_box_of_the_given_size_in_each_copy() -> None:
     images = torch.randn(1, 1, 16, 20, 24) + 5.0  # no voxel is 0 before the cut-out
-    views = UnlabeledPerturbation(3, seed=1, noise_std=0.0, cutout_size=(4, 5, 6))(images, 3)
+    copies = UnlabeledPerturbation(3, seed=1, noise_std=0.0, cutout_size=(4, 5, 6))(images, 3)
     boxes = []
-    for copy in views.align(views.images):
+    for copy in copies.align(copies.images):
         blank = (copy[0, 0] == 0).nonzero()
         assert len(blank) == 4 * 5 * 6
         extent = (blank.max(0).values - blank.min(0).values + 1).tolist()
@@ -76,13 +76,13 @@ def test_agreement_compares_members_on_the_shared_grid() -> None:
     torch.manual_seed(0)
     image = torch.randn(1, 1, 6, 7, 8)
     # Member 1 sees the image flipped along the first spatial axis, and nothing else.
-    views = MemberViews(torch.stack([image, torch.flip(image, (2,))]), [(), (2,)])
+    copies = MemberCopies(torch.stack([image, torch.flip(image, (2,))]), [(), (2,)])
     ensemble = PointwiseMembers()
-    batch = Batch(labeled=[], unlabeled=image, unlabeled_views=views)
+    batch = Batch(labeled=[], unlabeled=image, unlabeled_copies=copies)
 
     inputs, logits, aligned = CoTrainingMethod.unlabeled_predictions(ensemble, batch)
 
-    assert torch.equal(inputs, views.images)
+    assert torch.equal(inputs, copies.images)
     # Identical members on the same anatomy agree once aligned, not before.
     assert jensen_shannon_agreement(aligned).item() == pytest.approx(0.0, abs=1e-6)
     assert jensen_shannon_agreement(logits).item() > 1e-3

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cotrain.checkpoint import (
+    MODEL_FILE,
     MODEL_FORMAT,
     CorruptModelError,
     load_file,
@@ -21,10 +22,10 @@ from cotrain.checkpoint import (
     publish_model,
     save_atomically,
 )
-from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
-from cotrain.ensemble import EnsemblePredictor
+from cotrain.engine import TrainCallback, Trainer, TrainState
+from cotrain.inference import EnsemblePredictor
+from cotrain.input_checks import InvalidImageError
 from cotrain.networks import Ensemble
-from cotrain.validation import InvalidImageError
 from tests.conftest import TINY_NETWORK, tiny_config
 
 

@@ -1,4 +1,4 @@
-"""Checks of images, labels and ids (``cotrain.validation``): every bad input a radiologist or a
+"""Checks of images, labels and ids (``cotrain.input_checks``): every bad input a radiologist or a
 studies folder can produce gets an error naming the problem; good input passes."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cotrain.synthetic import make_synthetic_case
-from cotrain.validation import (
+from cotrain.input_checks import (
     InvalidImageError,
     InvalidLabelError,
     UnsafeIdError,
@@ -20,6 +19,7 @@ from cotrain.validation import (
     check_label_file,
     check_safe_id,
 )
+from cotrain.synthetic import make_synthetic_case
 
 LABELS = {"organ": 1}
 SHAPE = (12, 10, 8)

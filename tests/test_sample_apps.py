@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from monailabel.client import MONAILabelClient
 
-from cotrain.ensemble import EnsemblePredictor
+from cotrain.inference import EnsemblePredictor
 from cotrain.studies import write_demo_studies
 from tests.app_helpers import (
     APP_DIR,

@@ -1,4 +1,4 @@
-"""Ramp-up knots, per-view labeled subsets and member pair sampling."""
+"""Ramp-up knots, each member's labeled subset and member pair sampling."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import math
 import pytest
 
 from cotrain.schedules import (
-    GaussianRampUp,
     MemberPairSampler,
     gaussian_rampup,
-    split_labeled_views,
+    split_labeled_subsets,
 )
 
 
@@ -25,30 +24,29 @@ def test_gaussian_rampup_at_its_knots() -> None:
     assert gaussian_rampup(500.0, 0.5, t_start=1, t_end=50) == 0.5
     values = [gaussian_rampup(t, 1.0, 20, 80) for t in range(20, 81)]
     assert values == sorted(values)  # monotone on the ramp
-    assert GaussianRampUp(0.05, 20, 50)(35) == gaussian_rampup(35, 0.05, 20, 50)
 
 
 def test_zero_length_ramp_is_a_step() -> None:
     assert gaussian_rampup(0.0, 2.0, 0.0, 0.0) == 2.0
 
 
-def test_views_share_all_cases_by_default() -> None:
-    assert split_labeled_views(7, 3) == [list(range(7))] * 3
+def test_subsets_share_all_cases_by_default() -> None:
+    assert split_labeled_subsets(7, 3) == [list(range(7))] * 3
 
 
-def test_views_have_shared_part_and_exclusive_chunks() -> None:
-    views = split_labeled_views(10, 2, shared_fraction=0.4, seed=3)
-    shared = set(views[0]) & set(views[1])
+def test_subsets_have_shared_part_and_exclusive_chunks() -> None:
+    subsets = split_labeled_subsets(10, 2, shared_fraction=0.4, seed=3)
+    shared = set(subsets[0]) & set(subsets[1])
     assert len(shared) == 4
-    exclusive = [set(v) - shared for v in views]
+    exclusive = [set(v) - shared for v in subsets]
     assert exclusive[0].isdisjoint(exclusive[1])
-    assert set(views[0]) | set(views[1]) == set(range(10))
+    assert set(subsets[0]) | set(subsets[1]) == set(range(10))
     assert {len(e) for e in exclusive} == {3}
 
 
-def test_views_never_empty_with_few_cases() -> None:
-    views = split_labeled_views(1, 4, shared_fraction=0.0)
-    assert all(views)
+def test_subsets_never_empty_with_few_cases() -> None:
+    subsets = split_labeled_subsets(1, 4, shared_fraction=0.0)
+    assert all(subsets)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])

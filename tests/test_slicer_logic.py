@@ -20,7 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,7 +33,18 @@ import numpy as np
 import pytest
 
 from cotrain.studies import write_demo_studies
-from tests.app_helpers import NO_SCORING_ENV, REPO_ROOT, MonaiLabelServer, copy_app, wait_for
+from tests.app_helpers import (
+    NO_SCORING_ENV,
+    REPO_ROOT,
+    MonaiLabelServer,
+    copy_app,
+    use_app_lib,
+    wait_for,
+)
+
+use_app_lib()
+
+from lib import control  # noqa: E402
 
 PLUGIN_DIR = REPO_ROOT / "plugins" / "slicer" / "CoTrain"
 if str(PLUGIN_DIR) not in sys.path:
@@ -58,7 +71,7 @@ from CoTrainLib.state import (  # noqa: E402
     STOPPED,
     PanelState,
     choose_image_id,
-    training_status,
+    parse_training,
 )
 
 #: Trains in seconds on a CPU: 32^3 images, 24^3 patches, a 3-level UNet, 2 members,
@@ -66,7 +79,7 @@ from CoTrainLib.state import (  # noqa: E402
 FAST_CONF = {
     "models": "dct_seg",
     "labels": '{"organ":1}',
-    "views": "2",
+    "members": "2",
     "roi_size": "[24,24,24]",
     "intensity": "zscore",
     "epochs": "1",
@@ -104,6 +117,17 @@ def _wait_state(
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_task(server: MonaiLabelServer) -> dict[str, Any] | None:
+    """MONAI Label's latest train task (``GET /train/``), ``None`` if it has none."""
+    try:
+        with urllib.request.urlopen(f"{server.url}/train/", timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:  # "No Train Tasks Found"
+            return None
+        raise
 
 
 @pytest.mark.server
@@ -147,7 +171,7 @@ def test_panel_logic_against_the_server(tmp_path: Path) -> None:
         assert message == "Label saved (3 labeled); retrain on submit is off: no training started"
         state = controller.refresh("dct_seg")
         assert state.studies_labeled == 3 and state.model.training.status == NOT_STARTED
-        assert controller.client.train_task() is None
+        assert _train_task(server) is None
         assert panel_texts(state)["auto_train"].startswith("off: saved labels are stored")
 
         # On again (the switch is what the next submit reads).
@@ -206,6 +230,7 @@ def test_panel_logic_against_the_server(tmp_path: Path) -> None:
         assert stopped["status"] == "STOPPED"
         state = controller.refresh("dct_seg")
         assert state.model.training.status == STOPPED
+        assert state.model.training.error == "stopped by a user"
         assert state.model.training.total_epochs == 1000
         assert panel_texts(state)["training"].startswith("stopped by a user at epoch ")
         assert state.model.served_model is not None
@@ -360,7 +385,6 @@ def stub_server() -> Iterator[ThreadingHTTPServer]:
                 "datastore": {"total": 4, "completed": 1},
             },
         ),
-        ("GET", "/train/"): (404, {"detail": "No Train Tasks Found"}),
         ("GET", "/datastore/label"): (200, b"NIFTI"),
         ("DELETE", "/train/"): (200, None),
         ("POST", "/train/deepedit"): (
@@ -401,6 +425,8 @@ def test_token_sent_and_stock_server_handled(
     seen = stub_server.seen  # type: ignore[attr-defined]
     assert {path for _, path, _ in seen} >= {"/info/", "/cotrain/state", "/train/"}
     assert {auth for _, _, auth in seen} == {"Bearer abc"}
+    # The status is the server's: the panel does not read MONAI Label's train task.
+    assert ("GET", "/train/") not in {(method, path) for method, path, _ in seen}
 
     # MONAI Label's token answer is accepted as is.
     seen.clear()
@@ -422,26 +448,123 @@ def test_server_address_errors() -> None:
 @pytest.mark.parametrize(
     ("stats_status", "task_status", "running", "pending", "expected"),
     [
-        (None, None, None, None, NOT_STARTED),
+        (None, None, False, False, NOT_STARTED),
         ("DONE", "SUBMITTED", False, True, QUEUED),
         ("DONE", "RUNNING", True, False, STARTING),  # old stats until the run rewrites them
+        ("DONE", None, True, False, STARTING),  # the scheduler's flag alone
         ("RUNNING", "RUNNING", True, False, RUNNING),
         ("FAILED", "STOPPED", False, False, STOPPED),  # a stopped run reads "killed"
+        (None, "STOPPED", False, False, STOPPED),
         ("DONE", "DONE", False, False, DONE),
+        (None, "DONE", False, False, DONE),
         ("FAILED", "ERROR", False, False, FAILED),
-        ("FAILED", None, None, None, FAILED),  # e.g. after a restart: no task
+        ("FAILED", None, False, False, FAILED),  # e.g. after a restart: no task
+        ("DONE", "ERROR", False, False, DONE),  # the stats win once the run wrote them
     ],
 )
-def test_training_status(
+def test_server_training_status(
     stats_status: str | None,
     task_status: str | None,
-    running: bool | None,
-    pending: bool | None,
+    running: bool,
+    pending: bool,
     expected: str,
 ) -> None:
+    """The server's status rules (``lib/control.py``), in the statuses the panel shows."""
     stats = {"status": stats_status} if stats_status else None
     task = {"status": task_status, "request": {"model": "m"}} if task_status else None
-    assert training_status(stats, task, running, pending) == expected
+    status, error = control.training_status(stats, task, running, pending)
+    assert status == expected
+    assert error == ("stopped by a user" if expected == STOPPED else None)
+
+
+def test_server_training_errors() -> None:
+    """Why a run failed: the stats' reason, else the task's last output line."""
+    task = {"status": "ERROR", "details": deque(["epoch 1", "RuntimeError: out of memory", ""])}
+    assert control.training_status(None, task) == (FAILED, "RuntimeError: out of memory")
+    assert control.training_status({}, {**task, "details": ["boom"]}) == (FAILED, "boom")
+    stats = {"status": "FAILED", "error": "loss is NaN at epoch 3"}
+    assert control.training_status(stats, task) == (FAILED, "loss is NaN at epoch 3")
+    assert control.training_status(stats, None) == (FAILED, "loss is NaN at epoch 3")
+    assert control.training_status({"status": "FAILED"}, None) == (FAILED, None)
+    # A new run going on or waiting: the previous run's error is not this run's.
+    assert control.training_status(stats, {"status": "RUNNING"}) == (STARTING, None)
+    assert control.training_status(stats, None, pending=True) == (QUEUED, None)
+
+
+def test_server_training_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/cotrain/state``'s ``training``: the model's own latest task, its stats, the flags."""
+
+    class Trainer:
+        def stats(self) -> dict[str, Any]:
+            return {"status": "DONE", "epoch": 2}
+
+    class Scheduler:
+        def status(self, model: str) -> tuple[bool, bool]:
+            return False, model == "other"
+
+    class App:
+        _trainers = {"m": Trainer()}
+        scheduler = Scheduler()
+
+    tasks = [
+        {"status": "DONE", "request": {"model": "m"}},
+        {"status": "STOPPED", "request": {"model": "m"}},
+        {"status": "ERROR", "request": {"model": "other"}, "details": ["bad label"]},
+        {"status": "SUBMITTED", "request": {"model": "other"}},
+    ]
+    assert control.latest_train_task("m", tasks) is tasks[1]
+    assert control.latest_train_task("other", tasks) is tasks[3]
+    assert control.latest_train_task("none", tasks) is None
+    monkeypatch.setattr(control, "monailabel_train_tasks", lambda: tasks)
+    assert control.model_training(App(), "m") == {
+        "running": False,
+        "pending": False,
+        "status": DONE,  # stopped after the stats said DONE: the served run stands
+        "error": None,
+        "task_status": "STOPPED",
+    }
+    other = control.model_training(App(), "other")
+    assert (other["status"], other["pending"], other["task_status"]) == (QUEUED, True, "SUBMITTED")
+    monkeypatch.setattr(control, "monailabel_train_tasks", list)
+    assert control.model_training(App(), "nope")["status"] == NOT_STARTED
+    # The panel's statuses are the server's.
+    shown = (NOT_STARTED, QUEUED, STARTING, RUNNING, DONE, FAILED, STOPPED)
+    server = tuple(
+        getattr(control, name)
+        for name in ("NOT_STARTED", "QUEUED", "STARTING", "RUNNING", "DONE", "FAILED", "STOPPED")
+    )
+    assert server == shown
+
+
+@pytest.mark.parametrize(
+    ("stats", "server", "expected", "error"),
+    [
+        # The server's status and error, as they are (not re-derived from the stats).
+        ({"status": "DONE"}, {"status": STARTING, "error": None}, STARTING, None),
+        (
+            {"status": "FAILED", "error": "x"},
+            {"status": STOPPED, "error": "stopped"},
+            STOPPED,
+            "stopped",
+        ),
+        ({"status": "RUNNING"}, {"status": FAILED, "error": "boom"}, FAILED, "boom"),
+        ({}, {"status": QUEUED}, QUEUED, None),
+        # No /cotrain (a stock MONAI Label app): the stats' own status only.
+        (None, None, NOT_STARTED, None),
+        ({}, None, NOT_STARTED, None),
+        ({"status": "RUNNING"}, None, RUNNING, None),
+        ({"status": "DONE"}, None, DONE, None),
+        ({"status": "FAILED", "error": "loss is NaN"}, None, FAILED, "loss is NaN"),
+        ({"status": "SOMETHING"}, None, NOT_STARTED, None),
+        # An older co-training app (flags but no status): the stats' own status too.
+        ({"status": "DONE"}, {"running": True, "pending": False}, DONE, None),
+    ],
+)
+def test_panel_shows_the_server_status(
+    stats: dict[str, Any] | None, server: dict[str, Any] | None, expected: str, error: str | None
+) -> None:
+    training = parse_training(stats, server)
+    assert (training.status, training.error) == (expected, error)
 
 
 def test_choose_image_id() -> None:

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from cotrain.checkpoint import load_file
-from cotrain.config import METHODS
 from cotrain.engine import (
     CHECKPOINT_FILE,
     MODEL_FILE,
@@ -19,7 +18,8 @@ from cotrain.engine import (
     TrainingStopped,
     TrainState,
 )
-from cotrain.ensemble import EnsemblePredictor
+from cotrain.inference import EnsemblePredictor
+from cotrain.methods import METHOD_CLASSES
 from tests.conftest import tiny_config
 
 
@@ -52,7 +52,7 @@ class Recorder(TrainCallback):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "perturb_unlabeled"),
-    [(method, False) for method in METHODS] + [("dct_seg", True), ("duo_segnet", True)],
+    [(method, False) for method in METHOD_CLASSES] + [("dct_seg", True), ("duo_segnet", True)],
 )
 def test_method_lowers_loss_and_segments_above_chance(
     method: str, perturb_unlabeled: bool, synthetic_cases, tmp_path: Path
@@ -71,7 +71,7 @@ def test_method_lowers_loss_and_segments_above_chance(
     assert last < 0.6 * first, f"{method}: supervised loss {first:.3f} -> {last:.3f}"
     # The organ fills ~5% of each volume: an all-foreground guess scores ~0.1 Dice.
     assert state.best_metric > 0.7, f"{method}: soft-vote Dice {state.best_metric:.3f}"
-    assert len(state.metrics["member_dice"]) == config.views
+    assert len(state.metrics["member_dice"]) == config.members
     assert all(d > 0.5 for d in state.metrics["member_dice"])
     assert state.metrics["disagreement"] >= 0.0
     # Progress is reported the way a progress bar needs it.

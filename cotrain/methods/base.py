@@ -17,7 +17,7 @@ from torch import nn
 
 from cotrain.losses import dice_ce_loss, foreground_focus
 from cotrain.networks import Ensemble
-from cotrain.perturbation import MemberViews
+from cotrain.perturbation import MemberCopies
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +32,17 @@ class Batch:
     """One training step's data.
 
     Attributes:
-        labeled: For each member, ``(images, targets)`` drawn from that member's labeled view;
+        labeled: For each member, ``(images, targets)`` drawn from that member's labeled subset;
             images ``(B, C_in, *spatial)``, targets ``(B, 1, *spatial)`` class indices.
         unlabeled: ``(B_u, C_in, *spatial)`` images shared by all members, or ``None`` for
             methods that do not use unlabeled data.
-        unlabeled_views: Each member's own perturbed copy of ``unlabeled``, when the run
+        unlabeled_copies: Each member's own perturbed copy of ``unlabeled``, when the run
             perturbs unlabeled data (``TrainConfig.perturb_unlabeled``).
     """
 
     labeled: list[tuple[torch.Tensor, torch.Tensor]]
     unlabeled: torch.Tensor | None = None
-    unlabeled_views: MemberViews | None = None
+    unlabeled_copies: MemberCopies | None = None
 
 
 @dataclass
@@ -79,9 +79,15 @@ class CoTrainingMethod(nn.Module):
         seed: Seed of the method's own randomness (pair sampling).
     """
 
+    #: The method's name in settings, the command line and the app (``dct_seg``, ...).
     name: ClassVar[str] = ""
+    #: Whether a step draws an unlabeled batch.
     uses_unlabeled: ClassVar[bool] = True
+    #: Least number of members k.
     min_members: ClassVar[int] = 1
+    #: Whether the members learn from each other's predictions on unlabeled data, so that each
+    #: may see its own perturbed copy of the unlabeled batch (``TrainConfig.perturb_unlabeled``).
+    perturbable: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -160,18 +166,18 @@ class CoTrainingMethod(nn.Module):
         Returns:
             ``(inputs, logits, aligned)``, each ``(k, B_u, ...)``: member i's input, its logits
             on that input, and those logits on the shared grid (the ones to compare across
-            members). Without per-member views all members share one input and ``aligned``
+            members). Without per-member copies all members share one input and ``aligned``
             is ``logits``.
         """
-        views = batch.unlabeled_views
-        if views is None:
+        copies = batch.unlabeled_copies
+        if copies is None:
             logits = ensemble(batch.unlabeled)
             inputs = batch.unlabeled.expand(len(ensemble), *batch.unlabeled.shape)
             return inputs, logits, logits
         logits = torch.stack(
-            [member(x) for member, x in zip(ensemble.members, views.images, strict=True)]
+            [member(x) for member, x in zip(ensemble.members, copies.images, strict=True)]
         )
-        return views.images, logits, views.align(logits)
+        return copies.images, logits, copies.align(logits)
 
     def agreement_region(self, aligned_logits: torch.Tensor) -> torch.Tensor | None:
         """Voxels the agreement term averages over: all (``None``) unless the method's

@@ -16,6 +16,7 @@ class CrossPseudoSupervision(CoTrainingMethod):
 
     name = "cps"
     min_members = 2
+    perturbable = True
 
     @dataclass
     class Params:

@@ -32,6 +32,7 @@ class DCTSeg(CoTrainingMethod):
 
     name = "dct_seg"
     min_members = 2
+    perturbable = True
 
     @dataclass
     class Params(AgreementFocus):

@@ -36,6 +36,7 @@ class DuoSegNet(CoTrainingMethod):
 
     name = "duo_segnet"
     min_members = 2
+    perturbable = True
 
     @dataclass
     class Params(AgreementFocus):

@@ -15,6 +15,7 @@ class JensenShannonOnly(CoTrainingMethod):
 
     name = "jsd"
     min_members = 2
+    perturbable = True
 
     @dataclass
     class Params(AgreementFocus):

@@ -1,4 +1,4 @@
-"""Supervised-only baseline: k members trained independently on their labeled views ("bagging")."""
+"""Supervised-only baseline: k members trained independently on their labeled subsets ("bagging")."""
 
 from __future__ import annotations
 

@@ -40,5 +40,5 @@ class SpleenCT(DCTSeg):
         "intensity": "ct:-160,240",
         "target_spacing": (1.5, 1.5, 2.0),
         "roi_size": (96, 96, 64),
-        "views": 2,
+        "members": 2,
     }

@@ -7,9 +7,18 @@ not: each model's method, switch and served model file (the 3D Slicer panel in
 
 - ``GET /cotrain/state``: every model's ``method``, ``members``, ``auto_train`` (and whether
   it comes from ``--conf`` or the runtime switch), ``min_labels``, ``served_model`` (file,
-  published or not, modification time) and ``training`` (a run going on / waiting).
+  published or not, modification time) and ``training``: ``running`` / ``pending`` (a run
+  going on / waiting), ``status`` (``NOT STARTED``, ``QUEUED``, ``STARTING``, ``RUNNING``,
+  ``DONE``, ``FAILED`` or ``STOPPED``; see :func:`training_status`), ``error`` (why the latest
+  run failed or stopped, else ``null``) and ``task_status`` (MONAI Label's latest train task
+  of the model: ``SUBMITTED``, ``RUNNING``, ``DONE``, ``ERROR``, ``STOPPED``; ``null`` if none).
 - ``PUT /cotrain/auto_train?model=NAME&enabled=true|false``: turn retrain on submit on or off
   for one model; answers the model's new state.
+
+The training status is worked out here, once, from what only the server knows together: the
+model's train stats (``train_stats.json``, MONAI Label's ``/info`` ``train_stats``), MONAI
+Label's own train tasks (``monailabel.utils.async_tasks``, what ``/train/`` answers) and the
+scheduler's flags. Clients (the 3D Slicer panel) show it as is.
 
 The switch is what :meth:`CoTrainApp.on_save_label` reads (``settings.auto_train`` of the
 model's task config). It is saved in ``MODEL_DIR/NAME/runtime_settings.json`` (written
@@ -31,7 +40,7 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ from monailabel.interfaces.utils.app import app_instance
 
 from cotrain.files import atomic_write
 from lib.configs import CoTrainTaskConfig
+from lib.scheduler import monailabel_train_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,17 @@ logger = logging.getLogger(__name__)
 RUNTIME_SETTINGS_FILE = "runtime_settings.json"
 #: Path prefix of the endpoints.
 ROUTE_PREFIX = "/cotrain"
+
+#: Training statuses of ``GET /cotrain/state`` (``training.status``).
+NOT_STARTED = "NOT STARTED"
+QUEUED = "QUEUED"
+STARTING = "STARTING"
+RUNNING = "RUNNING"
+DONE = "DONE"
+FAILED = "FAILED"
+STOPPED = "STOPPED"
+#: The error reported for a run stopped with ``DELETE /train/``.
+STOPPED_ERROR = "stopped by a user"
 
 _write_lock = threading.Lock()
 
@@ -125,20 +146,125 @@ def served_model(config: CoTrainTaskConfig) -> dict[str, Any]:
     }
 
 
+def task_model(task: Mapping[str, Any]) -> str | None:
+    """The model a MONAI Label train task trains (``request.model``)."""
+    request = task.get("request")
+    return request.get("model") if isinstance(request, Mapping) else None
+
+
+def latest_train_task(model: str, tasks: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The latest of MONAI Label's train tasks (oldest first) that trains ``model``."""
+    latest = None
+    for task in tasks:
+        if isinstance(task, Mapping) and task_model(task) == model:
+            latest = task
+    return latest
+
+
+def _task_error(task: Mapping[str, Any]) -> str | None:
+    """The last output line of a train task (``details``: a deque in the server, a list in
+    ``/train/``'s answer)."""
+    details = task.get("details")
+    if details is None or isinstance(details, str | bytes):
+        return None
+    lines = [str(line) for line in list(details) if str(line).strip()]
+    return lines[-1] if lines else None
+
+
+def training_status(
+    stats: Mapping[str, Any] | None,
+    task: Mapping[str, Any] | None,
+    running: bool = False,
+    pending: bool = False,
+) -> tuple[str, str | None]:
+    """The status of a model's latest training run, and why it failed or stopped.
+
+    The rules, in order:
+
+    - a run of the model is going on (task ``RUNNING`` or the scheduler's ``running``):
+      ``RUNNING`` once the stats say so, else ``STARTING`` (the stats file is the previous
+      run's until the new run rewrites it);
+    - a run waits (task ``SUBMITTED`` or ``pending``): ``QUEUED``;
+    - the task was stopped (``DELETE /train/``) and the stats read ``RUNNING``, ``FAILED``
+      (stopping kills the run, whose stats then read "ended without reporting") or nothing:
+      ``STOPPED``;
+    - the stats' own ``RUNNING``, ``DONE`` or ``FAILED`` (e.g. after a restart: no task);
+    - the task ended with ``ERROR`` (no stats written): ``FAILED``; ``DONE``: ``DONE``;
+    - otherwise ``NOT STARTED``.
+
+    Args:
+        stats: The model's train stats (``status``: ``RUNNING``, ``DONE``, ``FAILED``;
+            ``error``), as ``CoTrainTask.stats()`` and ``/info``'s ``train_stats`` give them.
+        task: MONAI Label's latest train task of the model (``status``: ``SUBMITTED``,
+            ``RUNNING``, ``DONE``, ``ERROR``, ``STOPPED``; ``details``), ``None`` if none.
+        running: The scheduler's flag: a run of the model is going on.
+        pending: The scheduler's flag: a run of the model waits to start.
+
+    Returns:
+        ``(status, error)``: one of :data:`NOT_STARTED`, :data:`QUEUED`, :data:`STARTING`,
+        :data:`RUNNING`, :data:`DONE`, :data:`FAILED`, :data:`STOPPED`; an error only for
+        ``FAILED`` (the stats' ``error``, else the task's last output line) and ``STOPPED``
+        (:data:`STOPPED_ERROR`), else ``None``.
+    """
+    stats = stats or {}
+    task = task or {}
+    stats_status = stats.get("status")
+    task_status = task.get("status")
+    if task_status == "RUNNING" or running:
+        return (RUNNING if stats_status == RUNNING else STARTING), None
+    if task_status == "SUBMITTED" or pending:
+        return QUEUED, None
+    if task_status == "STOPPED" and stats_status in (RUNNING, FAILED, None):
+        return STOPPED, STOPPED_ERROR
+    if stats_status in (RUNNING, DONE):
+        return str(stats_status), None
+    if stats_status == FAILED or task_status == "ERROR":
+        error = stats.get("error") or _task_error(task)
+        return FAILED, str(error) if error else None
+    if task_status == "DONE":
+        return DONE, None
+    return NOT_STARTED, None
+
+
+def model_training(app: Any, name: str) -> dict[str, Any]:
+    """``training`` of ``GET /cotrain/state`` for one model of ``app`` (a ``CoTrainApp``).
+
+    The train stats are the model's train task's (``stats()``, as in ``/info``), read before
+    MONAI Label's tasks: a run that ends between the two reads then shows ``RUNNING`` once
+    more, not ``STARTING``.
+    """
+    trainer = (getattr(app, "_trainers", None) or {}).get(name)
+    try:
+        stats = trainer.stats() if trainer is not None else {}
+    except (OSError, ValueError) as e:
+        logger.warning("cannot read the train stats of %s: %s", name, e)
+        stats = {}
+    stats = stats if isinstance(stats, Mapping) else {}
+    task = latest_train_task(name, monailabel_train_tasks())
+    running, pending = app.scheduler.status(name)
+    status, error = training_status(stats, task, running, pending)
+    return {
+        "running": running,
+        "pending": pending,
+        "status": status,
+        "error": error,
+        "task_status": task.get("status") if task else None,
+    }
+
+
 def model_state(app: Any, name: str, config: CoTrainTaskConfig) -> dict[str, Any]:
     """What ``GET /cotrain/state`` reports for one model of ``app`` (a ``CoTrainApp``)."""
     saved = read_runtime_settings(runtime_settings_path(config))
-    running, pending = app.scheduler.status(name)
     return {
         "method": config.settings.train_config.method,
-        "members": config.settings.train_config.views,
+        "members": config.settings.train_config.members,
         "labels": dict(config.labels),
         "auto_train": config.settings.auto_train,
         "auto_train_source": "runtime" if isinstance(saved.get("auto_train"), bool) else "conf",
         "auto_train_changed": saved.get("auto_train_changed"),
         "min_labels": config.settings.min_labels,
         "served_model": served_model(config),
-        "training": {"running": running, "pending": pending},
+        "training": model_training(app, name),
     }
 
 
@@ -156,7 +282,7 @@ router = APIRouter(prefix=ROUTE_PREFIX, tags=["Co-training"])
 def api_state(
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ) -> dict[str, Any]:
-    """Every model's method, retrain-on-submit switch, served model and training flags."""
+    """Every model's method, retrain-on-submit switch, served model and training status."""
     app = app_instance()
     models = _app_models(app)
     return {"models": {name: model_state(app, name, config) for name, config in models.items()}}

@@ -7,9 +7,9 @@ the client names, and writes files and its ``datastore_v2.json`` in place. This 
 - refuses image ids and label tags that would leave the studies folder (HTTP 400);
 - refuses a label for an unknown image (HTTP 404);
 - checks every label against its image before anything is written (HTTP 422 naming the
-  problem; see :func:`cotrain.validation.check_label_file`): a rejected upload leaves the
+  problem; see :func:`cotrain.input_checks.check_label_file`): a rejected upload leaves the
   folder and its JSON exactly as they were;
-- checks an uploaded image the same way (:func:`cotrain.validation.check_image_file`);
+- checks an uploaded image the same way (:func:`cotrain.input_checks.check_image_file`);
 - writes labels, images and the JSON to a temporary file that is then renamed into place
   (:func:`cotrain.files.atomic_write`), so a crash leaves the old or the new version;
 - changes the JSON only under one file lock, re-reading it first, so the server and its
@@ -38,7 +38,7 @@ from monailabel.datastore.local import (
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from cotrain.files import atomic_copy, atomic_write
-from cotrain.validation import (
+from cotrain.input_checks import (
     InvalidImageError,
     InvalidLabelError,
     UnsafeIdError,

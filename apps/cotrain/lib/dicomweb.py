@@ -66,7 +66,7 @@ from monailabel.utils.others.generic import remove_file
 from pydicom.dataset import Dataset
 
 from cotrain.files import atomic_copy
-from cotrain.validation import (
+from cotrain.input_checks import (
     InvalidImageError,
     InvalidLabelError,
     UnsafeIdError,

@@ -518,12 +518,12 @@ class CoTrainTest(ScriptedLoadableModuleTest):
             },
         }
         control = {"models": {"dct_seg": {"method": "dct_seg", "auto_train": False}}}
-        state = build_panel_state("http://127.0.0.1:8000", "dct_seg", info, control, None)
+        state = build_panel_state("http://127.0.0.1:8000", "dct_seg", info, control)
         texts = panel_texts(state)
         self.assertIn("epoch 2/2", texts["training"])
         self.assertIn("members 0.800 / 0.700", texts["dice"])
         self.assertIn("5 unlabeled", texts["studies"])
         self.assertTrue(texts["auto_train"].startswith("off"))
-        empty = build_panel_state("http://127.0.0.1:8000", "dct_seg", {"trainers": {}}, None, None)
+        empty = build_panel_state("http://127.0.0.1:8000", "dct_seg", {"trainers": {}}, None)
         self.assertEqual(empty.model.training.status, NOT_STARTED)
         self.delayDisplay("Test passed")

@@ -266,7 +266,7 @@ class CoTrainTaskConfig(TaskConfig):
             "+++ %s: %s with %d members, labels %s, roi %s, %d epochs; auto_train=%s min_labels=%d",
             name,
             c.method,
-            c.views,
+            c.members,
             self.labels,
             c.roi_size,
             c.epochs,
@@ -278,7 +278,7 @@ class CoTrainTaskConfig(TaskConfig):
     def description(self) -> str:
         """``/info`` description of the model."""
         c = self.settings.train_config
-        return f"{self.summary} ({c.views} members, soft voting)"
+        return f"{self.summary} ({c.members} members, soft voting)"
 
     def infer(self) -> InferTask | dict[str, InferTask]:
         """The ensemble's soft-voting segmentation."""

@@ -20,8 +20,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import name_to_device
 
 from cotrain.checkpoint import CorruptModelError
-from cotrain.ensemble import EnsemblePredictor
-from cotrain.validation import InvalidImageError
+from cotrain.inference import EnsemblePredictor
+from cotrain.input_checks import InvalidImageError
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
-from cotrain.ensemble import EnsemblePredictor
-from cotrain.validation import InvalidImageError
+from cotrain.inference import EnsemblePredictor
+from cotrain.input_checks import InvalidImageError
 
 logger = logging.getLogger(__name__)
 

@@ -41,18 +41,18 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import name_to_device
 
-from cotrain.checkpoint import publish_model
+from cotrain.checkpoint import MODEL_FILE, publish_model
 from cotrain.config import TrainConfig
-from cotrain.engine import MODEL_FILE, TrainCallback, Trainer, TrainState
+from cotrain.engine import TrainCallback, Trainer, TrainState
 from cotrain.files import atomic_write
+from cotrain.input_checks import check_cases
 from cotrain.launch import process_count, train_in_processes
-from cotrain.validation import check_cases
 from lib.trainers.fault_injection import FaultInjector, requested_fault
 
 logger = logging.getLogger(__name__)
 
 STATS_FILE = "train_stats.json"
-#: Verdicts of earlier image and label checks (see :func:`cotrain.validation.check_cases`).
+#: Verdicts of earlier image and label checks (see :func:`cotrain.input_checks.check_cases`).
 CASE_CHECKS_FILE = "case_checks.json"
 
 

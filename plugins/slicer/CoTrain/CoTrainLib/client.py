@@ -6,10 +6,10 @@ from ``slicer``, ``qt``, ``vtk`` or ``monailabel``. Every failure raises :class:
 needed or refused, the model is unknown, the model is not trained yet, a training is already
 running, or the server is not the co-training app.
 
-Endpoints used (MONAI Label 0.8): ``GET /info/``, ``GET /train/``, ``POST /train/{model}``,
-``DELETE /train/``, ``POST /infer/{model}?image=ID&output=json``,
-``GET /datastore/label?label=ID&tag=TAG``, ``PUT /datastore/label?image=ID&tag=TAG``,
-``GET /auth/``, ``POST /auth/token``; and the co-training app's ``GET /cotrain/state`` and
+Endpoints used (MONAI Label 0.8): ``GET /info/``, ``POST /train/{model}``, ``DELETE /train/``,
+``POST /infer/{model}?image=ID&output=json``, ``GET /datastore/label?label=ID&tag=TAG``,
+``PUT /datastore/label?image=ID&tag=TAG``, ``GET /auth/``, ``POST /auth/token``; and the
+co-training app's ``GET /cotrain/state`` (which also reports the training status) and
 ``PUT /cotrain/auto_train`` (``apps/cotrain/lib/control.py``).
 """
 
@@ -246,16 +246,6 @@ class CoTrainClient:
             raise CoTrainError("Reading the server's info: unexpected answer")
         return info
 
-    def train_task(self) -> dict[str, Any] | None:
-        """MONAI Label's latest train task (``status``, ``request``, ...); ``None`` if none."""
-        try:
-            task = self._json("GET", "/train/", "Reading the training status")
-        except CoTrainError as e:
-            if e.status == 404:  # "No Train Tasks Found"
-                return None
-            raise
-        return task if isinstance(task, dict) else None
-
     def start_training(self, model: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """``POST /train/{model}``: start a training run now (refused while one runs).
 
@@ -393,7 +383,7 @@ class CoTrainClient:
     # ------------------------------------------------------------------ co-training app API
 
     def cotrain_state(self) -> dict[str, Any]:
-        """``GET /cotrain/state``: each model's method, switch, served model, training flags.
+        """``GET /cotrain/state``: each model's method, switch, served model, training status.
 
         Raises:
             EndpointMissingError: If the server is not the co-training app.

@@ -100,8 +100,7 @@ class CoTrainController:
             cotrain_state: dict[str, Any] | None = self.client.cotrain_state()
         except EndpointMissingError as e:
             cotrain_state, notice = None, str(e)
-        task = self.client.train_task()
-        return build_panel_state(self.client.server_url, model, info, cotrain_state, task, notice)
+        return build_panel_state(self.client.server_url, model, info, cotrain_state, notice)
 
     def set_auto_train(self, model: str, enabled: bool) -> PanelState:
         """Turn retrain on submit on or off for ``model``; the state afterwards.

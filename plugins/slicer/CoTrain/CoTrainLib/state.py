@@ -3,9 +3,12 @@
 Pure functions and data classes (standard library only; no ``slicer``, ``qt``, ``vtk`` or
 ``monailabel``), so all of it is tested outside 3D Slicer against a real server.
 
-Sources: MONAI Label's ``/info/`` (``train_stats`` per model, ``datastore`` counts), its latest
-train task (``/train/``: ``SUBMITTED``, ``RUNNING``, ``DONE``, ``ERROR``, ``STOPPED``) and the
-co-training app's ``/cotrain/state`` (method, retrain-on-submit switch, served model file).
+Sources: MONAI Label's ``/info/`` (``train_stats`` per model: epochs, losses, Dice, counts;
+``datastore`` counts) and the co-training app's ``/cotrain/state`` (method, retrain-on-submit
+switch, served model file, and the training status). The status is the server's
+(``training.status`` and ``error``, worked out in ``apps/cotrain/lib/control.py``); the panel
+shows it as is. A server without ``/cotrain`` (a stock MONAI Label app) gets the train stats'
+own ``status`` only (``RUNNING``, ``DONE``, ``FAILED``, else ``NOT STARTED``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ METHOD_NAMES = {"dct_seg": "DCT-Seg", "duo_segnet": "Duo-SegNet", "supervised": 
 #: Entries of ``train_stats.losses`` that are not loss terms.
 NOT_LOSSES = frozenset({"learning_rate"})
 
-#: Training states the panel shows (:attr:`TrainingState.status`).
+#: Training states the panel shows (:attr:`TrainingState.status`): those ``/cotrain/state``
+#: reports (``training.status``).
 NOT_STARTED = "NOT STARTED"
 QUEUED = "QUEUED"
 STARTING = "STARTING"
@@ -52,7 +56,7 @@ class TrainingState:
     """The latest training run of one model, as the panel shows it.
 
     Attributes:
-        status: One of :data:`NOT_STARTED`, :data:`QUEUED`, :data:`STARTING`,
+        status: The server's: one of :data:`NOT_STARTED`, :data:`QUEUED`, :data:`STARTING`,
             :data:`RUNNING`, :data:`DONE`, :data:`FAILED`, :data:`STOPPED`.
         epoch: Epochs completed.
         total_epochs: Epochs of the run.
@@ -178,63 +182,40 @@ def model_names(info: dict[str, Any]) -> list[str]:
     return names
 
 
-def task_model(task: dict[str, Any] | None) -> str | None:
-    """The model a MONAI Label train task trains."""
-    if not isinstance(task, dict):
-        return None
-    request = task.get("request")
-    return request.get("model") if isinstance(request, dict) else None
-
-
-def _task_error(task: dict[str, Any]) -> str | None:
-    details = task.get("details")
-    if isinstance(details, list) and details:
-        return str(details[-1])
-    return None
-
-
-def training_status(
-    stats: dict[str, Any] | None,
-    task: dict[str, Any] | None,
-    running: bool | None = None,
-    pending: bool | None = None,
-) -> str:
-    """The panel's training status from the run's stats and MONAI Label's latest task.
+def shown_status(
+    stats: dict[str, Any] | None, server: dict[str, Any] | None
+) -> tuple[str, str | None]:
+    """The status to show and why the run failed or stopped.
 
     Args:
-        stats: The model's ``train_stats`` (``status``: ``RUNNING``, ``DONE``, ``FAILED``).
-        task: MONAI Label's latest train task if it trains this model, else ``None``.
-        running: ``/cotrain/state``'s flag: a run of the model is going on.
-        pending: ``/cotrain/state``'s flag: a run of the model waits to start.
+        stats: The model's ``train_stats`` from ``/info/``.
+        server: ``/cotrain/state``'s ``training`` of the model (``status``, ``error``);
+            ``None`` for a server without ``/cotrain``.
+
+    Returns:
+        ``(status, error)``: the server's ``training.status`` and ``error`` as they are;
+        without them, the train stats' own ``status`` (``RUNNING``, ``DONE``, ``FAILED``
+        with the stats' ``error``), else :data:`NOT_STARTED`.
     """
-    stats_status = (stats or {}).get("status")
-    task_status = (task or {}).get("status")
-    if task_status == "RUNNING" or running:
-        # The stats file is the previous run's until the new run rewrites it.
-        return RUNNING if stats_status == "RUNNING" else STARTING
-    if task_status == "SUBMITTED" or pending:
-        return QUEUED
-    if task_status == "STOPPED" and stats_status in ("RUNNING", "FAILED", None):
-        # Stopping kills the run, which then reads FAILED ("ended without reporting").
-        return STOPPED
-    if stats_status in (RUNNING, DONE, FAILED):
-        return str(stats_status)
-    if task_status == "ERROR":
-        return FAILED
-    if task_status == "DONE":
-        return DONE
-    return NOT_STARTED
+    server = server if isinstance(server, dict) else {}
+    status = server.get("status")
+    if isinstance(status, str) and status:
+        error = server.get("error")
+        return status, str(error) if error else None
+    stats = stats if isinstance(stats, dict) else {}
+    status = stats.get("status")
+    if status in (RUNNING, DONE, FAILED):
+        error = stats.get("error") if status == FAILED else None
+        return str(status), str(error) if error else None
+    return NOT_STARTED, None
 
 
 def parse_training(
-    stats: dict[str, Any] | None,
-    task: dict[str, Any] | None = None,
-    running: bool | None = None,
-    pending: bool | None = None,
+    stats: dict[str, Any] | None, server: dict[str, Any] | None = None
 ) -> TrainingState:
-    """:class:`TrainingState` from ``train_stats`` and the model's latest train task."""
+    """:class:`TrainingState` from ``train_stats`` and ``/cotrain/state``'s ``training``."""
     stats = stats if isinstance(stats, dict) else {}
-    status = training_status(stats, task, running, pending)
+    status, error = shown_status(stats, server)
     losses = {
         str(k): float(v)
         for k, v in (stats.get("losses") or {}).items()
@@ -247,11 +228,6 @@ def parse_training(
         if isinstance(member_dice, list)
         else None
     )
-    error = stats.get("error")
-    if status == FAILED and not error and task:
-        error = _task_error(task)
-    if status == STOPPED:
-        error = "stopped by a user"
     warm_start = stats.get("warm_start")
     return TrainingState(
         status=status,
@@ -270,7 +246,7 @@ def parse_training(
         warm_start=warm_start if isinstance(warm_start, bool) else None,
         processes=_int(stats.get("processes")),
         elapsed=stats.get("total_time") or stats.get("current_time"),
-        error=str(error) if error else None,
+        error=error,
         run_id=stats.get("run_id"),
     )
 
@@ -288,18 +264,13 @@ def parse_served_model(value: Any) -> ServedModel | None:
 
 
 def build_model_state(
-    model: str,
-    info: dict[str, Any],
-    cotrain_state: dict[str, Any] | None,
-    task: dict[str, Any] | None,
+    model: str, info: dict[str, Any], cotrain_state: dict[str, Any] | None
 ) -> ModelState:
-    """The state of ``model`` from ``/info/``, ``/cotrain/state`` (or ``None``) and ``/train/``."""
+    """The state of ``model`` from ``/info/`` and ``/cotrain/state`` (``None``: no such endpoint)."""
     control = ((cotrain_state or {}).get("models") or {}).get(model)
     control = control if isinstance(control, dict) else {}
     stats = (info.get("train_stats") or {}).get(model)
-    own_task = task if task_model(task) == model else None
-    flags = control.get("training") if isinstance(control.get("training"), dict) else {}
-    training = parse_training(stats, own_task, flags.get("running"), flags.get("pending"))
+    training = parse_training(stats, control.get("training"))
     labels = control.get("labels") or ((info.get("models") or {}).get(model) or {}).get("labels")
     method = control.get("method") or (stats or {}).get("method")
     auto_train = control.get("auto_train")
@@ -321,15 +292,14 @@ def build_panel_state(
     model: str,
     info: dict[str, Any],
     cotrain_state: dict[str, Any] | None,
-    task: dict[str, Any] | None,
     notice: str | None = None,
 ) -> PanelState:
-    """The panel's state for ``model`` from the server's answers."""
+    """The panel's state for ``model`` from ``/info/`` and ``/cotrain/state`` (or ``None``)."""
     datastore = info.get("datastore") if isinstance(info.get("datastore"), dict) else {}
     return PanelState(
         server_url=server_url,
         models=model_names(info),
-        model=build_model_state(model, info, cotrain_state, task),
+        model=build_model_state(model, info, cotrain_state),
         studies_total=_int(datastore.get("total")) or 0,
         studies_labeled=_int(datastore.get("completed")) or 0,
         notice=notice,

@@ -20,9 +20,9 @@ from monai.inferers import sliding_window_inference
 from cotrain.checkpoint import load_file, load_model_with_fallback
 from cotrain.config import TrainConfig
 from cotrain.data import preprocessing
+from cotrain.input_checks import InvalidImageError, check_image_header
 from cotrain.losses import jensen_shannon_map
 from cotrain.networks import Ensemble
-from cotrain.validation import InvalidImageError, check_image_header
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class EnsemblePredictor:
             members: Also return each member's own label (for evaluation).
 
         Raises:
-            cotrain.validation.InvalidImageError: If the image is not a readable volume with
+            cotrain.input_checks.InvalidImageError: If the image is not a readable volume with
                 the model's dimensions, or has NaN or infinite voxels; the message says which.
         """
         image_path = Path(image_path)
