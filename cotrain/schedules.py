@@ -1,5 +1,6 @@
 """Schedules and sampling: the Gaussian ramp-up of the loss weights, each member's labeled
-subset, and the member pairs that DCT-Seg updates each iteration."""
+subset, the labeled cases held out for validation, and the member pairs that DCT-Seg updates
+each iteration."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemberPairSampler", "gaussian_rampup", "split_labeled_subsets"]
+__all__ = ["MemberPairSampler", "gaussian_rampup", "split_labeled_subsets", "split_validation"]
 
 
 def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> float:
@@ -63,6 +64,31 @@ def split_labeled_subsets(
         if not subset:  # too few cases to deal one to every member: lend the shared pool's
             subsets[m] = sorted(order[: max(1, num_shared)])
     return subsets
+
+
+def split_validation(
+    labeled: list[dict[str, str]], val_split: float, val_min_labels: int, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Hold out ``val_split`` of the labeled cases for validation, once there are enough.
+
+    Args:
+        labeled: Labeled cases.
+        val_split: Fraction to hold out (0 disables validation).
+        val_min_labels: Hold out nothing below this many labeled cases.
+        seed: Seed of the (reproducible) choice.
+
+    Returns:
+        ``(train, validation)``; at least one case stays for training.
+    """
+    if val_split <= 0 or len(labeled) < max(val_min_labels, 2):
+        return list(labeled), []
+    count = min(max(1, round(len(labeled) * val_split)), len(labeled) - 1)
+    order = list(range(len(labeled)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    train = [c for i, c in enumerate(labeled) if i not in held_out]
+    validation = [c for i, c in enumerate(labeled) if i in held_out]
+    return train, validation
 
 
 class MemberPairSampler:

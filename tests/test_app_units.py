@@ -15,16 +15,17 @@ import pytest
 from monailabel.datastore.local import LocalDatastore
 
 from cotrain.engine import TrainState
+from cotrain.schedules import split_validation
 from cotrain.studies import write_demo_studies
 from tests.app_helpers import APP_DIR, use_app_lib
 
 use_app_lib()
 
 from lib.activelearning.disagreement import Disagreement  # noqa: E402
-from lib.configs.common import parse_model_settings  # noqa: E402
-from lib.configs.dct_seg import DCTSeg  # noqa: E402
+from lib.configs.dct_seg import DCTSegModel  # noqa: E402
 from lib.scheduler import COALESCED, QUEUED, STARTED, TrainScheduler  # noqa: E402
-from lib.trainers.co_training import TrainStatsWriter, split_validation  # noqa: E402
+from lib.settings import parse_model_settings  # noqa: E402
+from lib.trainers.stats import TrainStatsWriter  # noqa: E402
 
 
 def _load_main() -> ModuleType:
@@ -91,7 +92,9 @@ def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
     keeps the others, and the paper's settings are one conf away."""
 
     def served(conf: dict[str, str]) -> Any:
-        return parse_model_settings(conf, "dct_seg", DCTSeg.method, DCTSeg.defaults).train_config
+        return parse_model_settings(
+            conf, "dct_seg", DCTSegModel.method, DCTSegModel.defaults
+        ).train_config
 
     default = served({})
     assert default.perturb_unlabeled is True
@@ -99,7 +102,7 @@ def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
 
     changed = served({"method_params": '{"lambda_cot":1.0}'})
     assert changed.method_params == {"agreement_focus": 0.5, "lambda_cot": 1.0}
-    assert DCTSeg.defaults["method_params"] == {"agreement_focus": 0.5}  # not mutated
+    assert DCTSegModel.defaults["method_params"] == {"agreement_focus": 0.5}  # not mutated
 
     paper = served({"perturb_unlabeled": "false", "method_params": '{"agreement_focus":0}'})
     assert paper.perturb_unlabeled is False
@@ -138,7 +141,7 @@ def test_conf_rejects_bad_method_params_at_startup(method_params: str, named: st
     of failing the first training hours later."""
     with pytest.raises(ValueError, match=named):
         parse_model_settings(
-            {"method_params": method_params}, "dct_seg", DCTSeg.method, DCTSeg.defaults
+            {"method_params": method_params}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults
         )
 
 
@@ -322,3 +325,10 @@ def test_disagreement_when_everything_is_reserved(datastore: LocalDatastore) -> 
 def test_disagreement_with_nothing_left(tmp_path: Path) -> None:
     write_demo_studies(tmp_path / "s", num_images=2, num_labeled=2, shape=(8, 8, 8))
     assert Disagreement()({}, LocalDatastore(str(tmp_path / "s"), auto_reload=False)) is None
+
+
+def test_former_conf_name_views_sets_members() -> None:
+    """Servers started with the former ``--conf views N`` keep their member count."""
+    assert parse_model_settings({"views": "3"}, "dct_seg", "dct_seg").train_config.members == 3
+    conf = {"views": "3", "dct_seg.members": "4"}
+    assert parse_model_settings(conf, "dct_seg", "dct_seg").train_config.members == 4

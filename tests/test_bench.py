@@ -1,4 +1,4 @@
-"""The quality benchmark's splits and method specifications (bench/quality.py)."""
+"""The quality benchmark's splits, method specifications, reports and command (bench/)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from cotrain.synthetic import write_synthetic_msd
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is not a package: put it on the path, which the benchmark's spawned workers inherit.
 sys.path.insert(0, str(ROOT / "bench"))
+import profiles  # noqa: E402
 import quality  # noqa: E402
+import report  # noqa: E402
 
 
 def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
     write_synthetic_msd(tmp_path, 20, shape=(8, 8, 8))
-    profile = quality.Profile(
+    profile = profiles.Profile(
         data=tmp_path, num_test=5, label_counts=[2], labels={"organ": 1}, train={}, tuning_cases=4
     )
-    test, _, train = quality.split_cases(profile)
-    tuning_test, _, tuning_train = quality.split_cases(profile, tune=True)
+    test, _, train = profiles.split_cases(profile)
+    tuning_test, _, tuning_train = profiles.split_cases(profile, tune=True)
     names = lambda cases: {c["name"] for c in cases}  # noqa: E731
 
     assert len(test) == 5 and len(train) == 15
@@ -35,23 +37,23 @@ def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
 
 
 def test_method_spec_sets_method_and_run_settings() -> None:
-    profile = quality.PROFILES["quick"]
-    name, params = quality.parse_method("duo_segnet:perturb_unlabeled=true,lambda_u=1.0")
-    config = quality.train_config(profile, name, params, seed=3)
+    profile = profiles.PROFILES["quick"]
+    name, params = profiles.parse_method("duo_segnet:perturb_unlabeled=true,lambda_u=1.0")
+    config = profiles.train_config(profile, name, params, seed=3)
 
     assert config.method == "duo_segnet" and config.seed == 3
     assert config.perturb_unlabeled is True
     assert config.method_params == {"lambda_u": 1.0}
     assert config.roi_size == profile.train["roi_size"]
-    plain = quality.train_config(profile, *quality.parse_method("duo_segnet"), seed=0)
+    plain = profiles.train_config(profile, *profiles.parse_method("duo_segnet"), seed=0)
     assert plain.perturb_unlabeled is False and plain.method_params == {}
 
 
 def test_every_profile_method_is_a_valid_run() -> None:
     # A misspelled setting or hyperparameter would otherwise fail hours into a GPU run.
-    for profile in quality.PROFILES.values():
+    for profile in profiles.PROFILES.values():
         for spec in profile.methods:
-            quality.check_method_spec(profile, spec)
+            profiles.check_method_spec(profile, spec)
 
 
 @pytest.mark.parametrize(
@@ -78,12 +80,12 @@ def test_a_bad_method_spec_fails_before_any_run(
 def test_the_benchmark_runs_the_tuned_settings_the_app_serves(method: str) -> None:
     # The spec of the served settings parses back to them, the profiles run it, and it names
     # the committed test-split rows that justify serving them.
-    spec = quality.method_spec(method, TUNED_SETTINGS[method])
-    tuned = quality.train_config(quality.PROFILES["quick"], *quality.parse_method(spec), seed=0)
+    spec = profiles.method_spec(method, TUNED_SETTINGS[method])
+    tuned = profiles.train_config(profiles.PROFILES["quick"], *profiles.parse_method(spec), seed=0)
     assert tuned.method == method
     assert tuned.perturb_unlabeled is TUNED_SETTINGS[method]["perturb_unlabeled"]
     assert tuned.method_params == TUNED_SETTINGS[method]["method_params"]
-    assert all(spec in profile.methods for profile in quality.PROFILES.values())
+    assert all(spec in profile.methods for profile in profiles.PROFILES.values())
     committed = (ROOT / "bench" / "results" / "quick-1000it.jsonl").read_text().splitlines()
     assert spec in {json.loads(line)["method"] for line in committed}
 
@@ -106,7 +108,7 @@ def test_gain_over_supervised_compares_the_same_seeds(tmp_path: Path) -> None:
 
     rows = [row("supervised", 0, 0.78), row("supervised", 1, 0.80), row("supervised", 2, 0.76)]
     rows += [row("duo_segnet", 0, 0.80), row("duo_segnet", 1, 0.82), row("duo_segnet", 3, 0.70)]
-    quality.summarise(rows, tmp_path, "paired", targets={8: (None, 1.5)})
+    report.summarise(rows, tmp_path, "paired", targets={8: (None, 1.5)})
     table = (tmp_path / "paired.md").read_text()
 
     duo_line = next(line for line in table.splitlines() if line.startswith("| duo_segnet"))
@@ -124,7 +126,7 @@ def test_benchmark_command_writes_results_and_resumes(
     # run with the same plan trains nothing again.
     data, output = tmp_path / "msd", tmp_path / "results"
     write_synthetic_msd(data, 10, shape=(16, 16, 16))
-    tiny = quality.Profile(
+    tiny = profiles.Profile(
         data=data,
         num_test=3,
         label_counts=[2],
@@ -141,7 +143,7 @@ def test_benchmark_command_writes_results_and_resumes(
         methods=["supervised", "duo_segnet"],
         targets={2: (None, 1.5)},
     )
-    monkeypatch.setitem(quality.PROFILES, "tiny", tiny)
+    monkeypatch.setitem(profiles.PROFILES, "tiny", tiny)
     argv = ["--profile", "tiny", "--output", str(output), "--device", "cpu"]
     argv += ["--workers", str(workers)]
 

@@ -5,7 +5,7 @@ Start it with::
     monailabel start_server --app apps/cotrain --studies STUDIES --conf models dct_seg
 
 ``--conf models`` takes ``dct_seg``, ``duo_segnet``, a comma separated list or ``all``. The
-other ``--conf`` settings are described in ``lib/configs/common.py`` (labels, views,
+other ``--conf`` settings are described in ``lib/settings.py`` (labels, members,
 roi_size, target_spacing, intensity, epochs, auto_train, min_labels, ...).
 
 The app wires MONAI Label to the ``cotrain`` library: each model is an ensemble trained on the

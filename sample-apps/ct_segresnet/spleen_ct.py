@@ -19,15 +19,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from lib.configs.dct_seg import DCTSeg
+from lib.configs.dct_seg import DCTSegModel
 
 
-class SpleenCT(DCTSeg):
+class SpleenCT(DCTSegModel):
     """DCT-Seg ensemble of SegResNets for the spleen on CT, served by soft voting."""
 
     summary = "DCT-Seg SegResNet ensemble for the spleen on CT"
     defaults: ClassVar[dict[str, Any]] = {
-        **DCTSeg.defaults,
+        **DCTSegModel.defaults,
         "labels": {"spleen": 1},
         "network": {
             "architecture": "segresnet",

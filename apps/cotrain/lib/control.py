@@ -49,7 +49,7 @@ from monailabel.config import RBAC_ADMIN, RBAC_USER, settings
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
-from cotrain.files import atomic_write
+from cotrain.files import write_json_atomically
 from lib.configs import CoTrainTaskConfig
 from lib.scheduler import monailabel_train_tasks
 
@@ -124,8 +124,7 @@ def set_auto_train(config: CoTrainTaskConfig, enabled: bool, user: str | None = 
                 "auto_train_changed_by": user,
             }
         )
-        with atomic_write(path, "w") as f:
-            json.dump(saved, f, indent=2)
+        write_json_atomically(saved, path)
         config.settings.auto_train = bool(enabled)
     logger.info("%s: auto_train set to %s by %s", config.name, enabled, user or "anonymous")
 

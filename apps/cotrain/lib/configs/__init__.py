@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from lib.configs.common import CoTrainTaskConfig
-from lib.configs.dct_seg import DCTSeg
-from lib.configs.duo_segnet import DuoSegNet
+from lib.configs.base import CoTrainTaskConfig
+from lib.configs.dct_seg import DCTSegModel
+from lib.configs.duo_segnet import DuoSegNetModel
 
 #: Model name -> task config class, in the order ``--conf models all`` adds them.
-CONFIGS: dict[str, type[CoTrainTaskConfig]] = {"dct_seg": DCTSeg, "duo_segnet": DuoSegNet}
+CONFIGS: dict[str, type[CoTrainTaskConfig]] = {"dct_seg": DCTSegModel, "duo_segnet": DuoSegNetModel}
 
-__all__ = ["CONFIGS", "CoTrainTaskConfig", "DCTSeg", "DuoSegNet"]
+__all__ = ["CONFIGS", "CoTrainTaskConfig", "DCTSegModel", "DuoSegNetModel"]

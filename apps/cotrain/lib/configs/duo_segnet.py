@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from cotrain.config import TUNED_SETTINGS
-from lib.configs.common import CoTrainTaskConfig
+from lib.configs.base import CoTrainTaskConfig
 
 
-class DuoSegNet(CoTrainTaskConfig):
+class DuoSegNetModel(CoTrainTaskConfig):
     """Duo-SegNet dual-view ensemble served by soft voting.
 
     Served with the recipe the benchmark measured best, not the paper's: each member sees its

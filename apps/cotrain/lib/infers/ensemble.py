@@ -22,12 +22,9 @@ from monailabel.utils.others.generic import name_to_device
 from cotrain.checkpoint import CorruptModelError
 from cotrain.inference import EnsemblePredictor
 from cotrain.input_checks import InvalidImageError
+from lib.settings import parse_bool
 
 logger = logging.getLogger(__name__)
-
-
-def _is_true(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
 
 
 def _temp_nifti() -> str:
@@ -147,6 +144,10 @@ class EnsembleInfer(InferTask):
         image = request.get("image")
         if not isinstance(image, str) or not os.path.exists(image):
             raise HTTPException(status_code=400, detail=f"image not found: {image!r}")
+        try:
+            want_uncertainty = parse_bool(request.get("uncertainty", False))
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=f"uncertainty: {e}") from None
         predictor, mtime_ns = self.predictor(name_to_device(request.get("device")))
         loaded = time.time()
 
@@ -158,7 +159,7 @@ class EnsembleInfer(InferTask):
             predicted = time.time()
             label_file = _temp_nifti()
             uncertainty_file = None
-            if _is_true(request.get("uncertainty", False)):
+            if want_uncertainty:
                 uncertainty_file = _temp_nifti()
             predictor.write_prediction(prediction, label_file, uncertainty_file)
         end = time.time()

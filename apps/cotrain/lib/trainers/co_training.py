@@ -26,15 +26,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -43,45 +39,19 @@ from monailabel.utils.others.generic import name_to_device
 
 from cotrain.checkpoint import MODEL_FILE, publish_model
 from cotrain.config import TrainConfig
-from cotrain.engine import TrainCallback, Trainer, TrainState
-from cotrain.files import atomic_write
+from cotrain.engine import Trainer
+from cotrain.files import write_json_atomically
 from cotrain.input_checks import check_cases
 from cotrain.launch import process_count, train_in_processes
+from cotrain.schedules import split_validation
+from lib.settings import parse_bool
 from lib.trainers.fault_injection import FaultInjector, requested_fault
+from lib.trainers.stats import STATS_FILE, TrainStatsWriter, process_start_time, read_train_stats
 
 logger = logging.getLogger(__name__)
 
-STATS_FILE = "train_stats.json"
 #: Verdicts of earlier image and label checks (see :func:`cotrain.input_checks.check_cases`).
 CASE_CHECKS_FILE = "case_checks.json"
-
-
-def process_start_time(pid: int | None = None) -> float:
-    """When process ``pid`` (default: this one) started, in seconds since the epoch."""
-    return psutil.Process(pid).create_time()
-
-
-def process_running(pid: Any, started: Any) -> bool:
-    """Whether process ``pid`` that started at ``started`` still runs (not a reused pid, not a
-    zombie)."""
-    try:
-        process = psutil.Process(int(pid))
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or abs(process.create_time() - float(started)) < 1.0
-    except (psutil.Error, TypeError, ValueError):
-        return False
-
-
-def _json_safe(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by ``None`` (strict JSON readers reject them)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _describe(error: BaseException) -> str:
@@ -95,141 +65,6 @@ def _describe(error: BaseException) -> str:
         parts.append(f"{type(current).__name__}: {message}")
         current = current.__cause__ or current.__context__
     return " <- ".join(parts)
-
-
-def request_flag(request: dict[str, Any], key: str, default: bool) -> bool:
-    """A yes/no train option: JSON booleans, or strings such as ``"true"``/``"false"``."""
-    value = request.get(key, default)
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-
-
-def write_json_atomically(data: dict[str, Any], path: str | Path) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path`` and rename it into place."""
-    with atomic_write(path, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
-
-
-class TrainStatsWriter(TrainCallback):
-    """Keeps ``train_stats.json`` up to date with the library's training state.
-
-    The keys MONAI Label clients read are ``epoch``, ``total_epochs``, ``best_metric`` and
-    ``total_time`` (present only once the run ended; Slicer treats it as "finished"). The
-    file also holds the loss terms, each member's validation Dice, the soft vote's Dice and
-    the members' disagreement (mean Jensen-Shannon divergence; 0 is full agreement).
-
-    Args:
-        path: The stats file.
-        info: Constant fields of this run (model, run id, data counts, ...).
-        min_interval_s: Least time between two writes within an epoch.
-    """
-
-    def __init__(self, path: str | Path, info: dict[str, Any], min_interval_s: float = 1.0) -> None:
-        self.path = Path(path)
-        self.info = dict(info)
-        self.min_interval_s = min_interval_s
-        self.start_ts = time.time()
-        self._last_write = 0.0
-
-    def stats(
-        self, state: TrainState | None, status: str, in_epoch: bool = False
-    ) -> dict[str, Any]:
-        """The stats dict for ``state`` (``None``: before the first epoch).
-
-        ``progress`` (0..1) counts iterations: ``state.iteration`` belongs to the epoch
-        after ``state.epoch`` while it runs (``in_epoch``), and is complete at epoch end.
-        """
-        elapsed = int(time.time() - self.start_ts)
-        stats: dict[str, Any] = {
-            **self.info,
-            "status": status,
-            "start_ts": int(self.start_ts),
-            "elapsed_s": round(time.time() - self.start_ts, 1),
-            "epoch": 0,
-            "total_epochs": self.info.get("total_epochs", 0),
-            "best_metric": 0.0,
-            "best_metric_epoch": 0,
-            "progress": 0.0,
-        }
-        if state is not None:
-            metrics = dict(state.metrics)
-            total = max(state.total_epochs * state.iterations_per_epoch, 1)
-            done = state.epoch * state.iterations_per_epoch + (state.iteration if in_epoch else 0)
-            stats.update(
-                {
-                    "epoch": state.epoch,
-                    "total_epochs": state.total_epochs,
-                    "iteration": state.iteration,
-                    "iterations_per_epoch": state.iterations_per_epoch,
-                    "progress": round(min(done / total, 1.0), 4),
-                    # -1 means "not validated yet" in the library; clients show 0..1.
-                    "best_metric": max(float(state.best_metric), 0.0),
-                    "best_metric_epoch": state.best_epoch,
-                    "losses": dict(state.losses),
-                    "vote_dice": metrics.get("vote_dice"),
-                    "member_dice": metrics.get("member_dice"),
-                    "disagreement": metrics.get("disagreement"),
-                    "metrics": metrics,
-                }
-            )
-        key = "current_time" if status == "RUNNING" else "total_time"
-        stats[key] = str(datetime.timedelta(seconds=elapsed))
-        return stats
-
-    def write(
-        self,
-        state: TrainState | None,
-        status: str = "RUNNING",
-        in_epoch: bool = False,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        """Write the stats file now and return what was written."""
-        stats = {**self.stats(state, status, in_epoch), **extra}
-        write_json_atomically(stats, self.path)
-        self._last_write = time.monotonic()
-        return stats
-
-    def on_train_start(self, state: TrainState) -> None:
-        self.write(state)
-
-    def on_iteration_end(self, state: TrainState) -> None:
-        if time.monotonic() - self._last_write >= self.min_interval_s:
-            self.write(state, in_epoch=True)
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        self.write(state)
-        losses = ", ".join(f"{k}={v:.4f}" for k, v in state.losses.items() if "/" not in k)
-        logger.info(
-            "epoch %d/%d: %s; best vote Dice %.4f",
-            state.epoch,
-            state.total_epochs,
-            losses,
-            state.best_metric,
-        )
-
-
-def split_validation(
-    labeled: list[dict[str, str]], val_split: float, val_min_labels: int, seed: int
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Hold out ``val_split`` of the labeled cases for validation, once there are enough.
-
-    Args:
-        labeled: Labeled cases.
-        val_split: Fraction to hold out (0 disables validation).
-        val_min_labels: Hold out nothing below this many labeled cases.
-        seed: Seed of the (reproducible) choice.
-
-    Returns:
-        ``(train, validation)``; at least one case stays for training.
-    """
-    if val_split <= 0 or len(labeled) < max(val_min_labels, 2):
-        return list(labeled), []
-    count = min(max(1, round(len(labeled) * val_split)), len(labeled) - 1)
-    order = list(range(len(labeled)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[:count])
-    train = [c for i, c in enumerate(labeled) if i not in held_out]
-    validation = [c for i, c in enumerate(labeled) if i in held_out]
-    return train, validation
 
 
 class CoTrainTask(TrainTask):
@@ -296,28 +131,8 @@ class CoTrainTask(TrainTask):
         return {**super().info(), "labels": dict(self.train_config.labels)}
 
     def stats(self) -> dict[str, Any]:
-        """The latest stats written by a run (empty before any run).
-
-        A run whose process ended without writing its outcome (killed, or the server stopped
-        during training) is reported ``FAILED`` with the reason; the file is left for the next
-        run to overwrite.
-        """
-        try:
-            with open(self.stats_path) as f:
-                stats = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        if stats.get("status") == "RUNNING" and not process_running(
-            stats.get("pid"), stats.get("pid_started")
-        ):
-            stats["status"] = "FAILED"
-            stats["error"] = (
-                f"the training process (pid {stats.get('pid')}) ended without reporting a "
-                "result: it was killed (e.g. SIGKILL or out of memory) or the server stopped "
-                "during training; the served model is unchanged"
-            )
-            stats["total_time"] = stats.pop("current_time", "0:00:00")
-        return stats
+        """The latest stats written by a run (see :func:`lib.trainers.stats.read_train_stats`)."""
+        return read_train_stats(self.stats_path)
 
     def run_config(self, request: dict[str, Any]) -> TrainConfig:
         """This run's configuration: the model's, with the request's epochs."""
@@ -363,13 +178,13 @@ class CoTrainTask(TrainTask):
             writer.info.update({"method": config.method, "total_epochs": config.epochs})
             train, validation, unlabeled = self._cases(request, datastore, config, writer)
 
-            pretrained = request_flag(request, "pretrained", True)
+            pretrained = parse_bool(request.get("pretrained", True))
             init_model = self.model_path if pretrained and self.model_path.exists() else None
             device = torch.device(name_to_device(request.get("device")))
             processes, gpus = process_count(
                 device.type,
                 int(request.get("processes", self.processes)),
-                request_flag(request, "multi_gpu", True),
+                parse_bool(request.get("multi_gpu", True)),
                 request.get("gpus", "all"),
             )
             writer.info.update(

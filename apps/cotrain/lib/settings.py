@@ -1,13 +1,14 @@
-"""Shared parsing of ``--conf`` strings and the task config every co-training model uses.
+"""The app's settings: ``--conf`` strings (and train-request options) parsed into library
+settings, with one parser per kind of value.
 
 ``monailabel start_server ... --conf KEY VALUE`` hands the app strings. Any
-:class:`cotrain.config.TrainConfig` setting may be given (``labels``, ``views``, ``roi_size``,
+:class:`cotrain.config.TrainConfig` setting may be given (``labels``, ``members``, ``roi_size``,
 ``target_spacing``, ``intensity``, ``epochs``, ``iterations_per_epoch``, ``batch_size``,
-``learning_rate``, ``network``, ``method_params``, ...), plus the app's own settings
-``auto_train``, ``min_labels``, ``val_split``, ``val_min_labels`` and the test hook
-``test_fault_injection`` (see :mod:`lib.trainers.fault_injection`; never on a real server). A
-key prefixed with a model name (``dct_seg.epochs``) applies to that model only and wins over
-the plain key.
+``learning_rate``, ``network``, ``method_params``, ...; a former name such as ``views`` for
+``members`` still works), plus the app's own settings ``auto_train``, ``min_labels``,
+``val_split``, ``val_min_labels``, ``processes`` and the test hook ``test_fault_injection``
+(see :mod:`lib.trainers.fault_injection`; never on a real server). A key prefixed with a model
+name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
 """
 
 from __future__ import annotations
@@ -16,23 +17,12 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from monailabel.interfaces.config import TaskConfig
-from monailabel.interfaces.tasks.infer_v2 import InferTask
-from monailabel.interfaces.tasks.scoring import ScoringMethod
-from monailabel.interfaces.tasks.strategy import Strategy
-from monailabel.interfaces.tasks.train import TrainTask
-
-from cotrain.config import TrainConfig
+from cotrain.config import RENAMED_SETTINGS, TrainConfig
 from cotrain.methods import METHOD_CLASSES
-from lib.activelearning import Disagreement
-from lib.infers import EnsembleInfer
-from lib.scoring import EnsembleDisagreement
-from lib.trainers import CoTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +31,8 @@ DEFAULT_LABELS: dict[str, int] = {"organ": 1}
 
 
 def parse_bool(value: str | bool) -> bool:
-    """Parse ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case).
+    """Parse ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case): the one reader of
+    yes/no values in ``--conf``, train requests and infer requests.
 
     Raises:
         ValueError: For anything else.
@@ -158,8 +149,10 @@ class ModelSettings:
 
 
 def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
-    """The value of ``key`` for model ``name``: ``name.key`` first, then ``key``."""
-    for k in (f"{name}.{key}", key):
+    """The value of ``key`` for model ``name``: ``name.key`` first, then ``key``, then the
+    same with a former name of the setting (``views`` for ``members``)."""
+    former = [old for old, new in RENAMED_SETTINGS.items() if new == key]
+    for k in (f"{name}.{key}", key, *(f"{name}.{old}" for old in former), *former):
         if k in conf and conf[k] is not None:
             return str(conf[k])
     return None
@@ -235,78 +228,3 @@ def parse_model_settings(
     if not 0.0 <= settings.val_split < 1.0:
         raise ValueError(f"--conf val_split must be in [0, 1), got {settings.val_split}")
     return settings
-
-
-class CoTrainTaskConfig(TaskConfig):
-    """A served co-training model: one ensemble, its trainer, scoring and strategy.
-
-    Subclasses set :attr:`method` (and may set :attr:`defaults` and :attr:`summary`).
-    The served ensemble is ``MODEL_DIR/NAME.pt``; runs and train stats live in
-    ``MODEL_DIR/NAME/``.
-    """
-
-    #: Co-training method (a :data:`cotrain.config.METHODS` name).
-    method: ClassVar[str] = ""
-    #: One line describing the model in ``/info``.
-    summary: ClassVar[str] = ""
-    #: TrainConfig values of this method used when ``--conf`` does not set them.
-    defaults: ClassVar[dict[str, Any]] = {}
-
-    def init(
-        self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs: Any
-    ) -> None:
-        """Read the model's settings from ``conf`` (see :func:`parse_model_settings`)."""
-        super().init(name, model_dir, conf, planner, **kwargs)
-        self.settings = parse_model_settings(conf, name, self.method, self.defaults)
-        self.labels = dict(self.settings.train_config.labels)
-        self.path = os.path.join(model_dir, f"{name}.pt")
-        self.work_dir = os.path.join(model_dir, name)
-        c = self.settings.train_config
-        logger.info(
-            "+++ %s: %s with %d members, labels %s, roi %s, %d epochs; auto_train=%s min_labels=%d",
-            name,
-            c.method,
-            c.members,
-            self.labels,
-            c.roi_size,
-            c.epochs,
-            self.settings.auto_train,
-            self.settings.min_labels,
-        )
-
-    @property
-    def description(self) -> str:
-        """``/info`` description of the model."""
-        c = self.settings.train_config
-        return f"{self.summary} ({c.members} members, soft voting)"
-
-    def infer(self) -> InferTask | dict[str, InferTask]:
-        """The ensemble's soft-voting segmentation."""
-        return EnsembleInfer(
-            path=self.path,
-            labels=self.labels,
-            dimension=self.settings.train_config.spatial_dims,
-            description=self.description,
-        )
-
-    def trainer(self) -> TrainTask | None:
-        """Co-training on the final labels plus every unlabeled image."""
-        return CoTrainTask(
-            name=self.name,
-            model_path=self.path,
-            work_dir=self.work_dir,
-            train_config=self.settings.train_config,
-            val_split=self.settings.val_split,
-            val_min_labels=self.settings.val_min_labels,
-            processes=self.settings.processes,
-            description=f"Co-train {self.description}",
-            test_fault_injection=self.settings.test_fault_injection,
-        )
-
-    def strategy(self) -> Strategy | dict[str, Strategy] | None:
-        """Next sample: the unlabeled image the members disagree on most."""
-        return {"disagreement": Disagreement()}
-
-    def scoring_method(self) -> ScoringMethod | dict[str, ScoringMethod] | None:
-        """Store the members' mean disagreement on each unlabeled image."""
-        return {f"disagreement_{self.name}": EnsembleDisagreement(self.name, self.path)}
