@@ -1,0 +1,219 @@
+"""How the quality benchmark trains: one run, the pool of worker processes, the rows they leave.
+
+A *run* is one method spec at one label count and seed (:func:`run_one`); it trains on the
+profile's training split and is evaluated on its test split, and gives one *row* (a dict,
+one JSON line of ``bench/results/NAME.jsonl``). :func:`plan_runs` lists the runs of a
+benchmark that have no row yet, so an interrupted benchmark continues where it stopped;
+:func:`run_plan` trains them, several at a time when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import torch
+from profiles import Profile, Splits, parse_method, train_config
+
+from cotrain.engine import MODEL_FILE, Trainer
+from cotrain.evaluation import evaluate_predictor
+from cotrain.inference import EnsemblePredictor
+
+logger = logging.getLogger("bench.runner")
+
+__all__ = ["Run", "append_row", "done_runs", "plan_runs", "read_rows", "run_one", "run_plan"]
+
+#: ``(method spec, label count, seed)`` of one run.
+Run: TypeAlias = tuple[str, int, int]
+
+
+def run_one(
+    profile: Profile,
+    spec: str,
+    num_labeled: int,
+    seed: int,
+    splits: Splits,
+    device: str | None,
+) -> dict[str, Any]:
+    """Train one method on one split and evaluate it on the test cases.
+
+    The seed shuffles the training cases (the first ``num_labeled`` are labeled, the others
+    unlabeled) and initialises the training; ``full`` trains the supervised ensemble on every
+    training case.
+
+    Args:
+        profile: The benchmark setting.
+        spec: A method spec (:func:`profiles.parse_method`).
+        num_labeled: Labeled training cases (ignored by ``full``).
+        seed: The run's seed.
+        splits: Test, validation and training cases (:func:`profiles.split_cases`).
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
+
+    Returns:
+        The run's row: its spec, label count and seed, the soft vote's Dice and HD95 and the
+        members' mean Dice on the test cases, training times, final losses and learning
+        curves (each epoch's mean loss terms).
+    """
+    test, validation, train = splits
+    name, params = parse_method(spec)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    if name == "full":
+        labeled, unlabeled, method = train, [], "supervised"
+    else:
+        labeled = [train[i] for i in order[:num_labeled]]
+        unlabeled = [{"image": train[i]["image"]} for i in order[num_labeled:]]
+        method = name
+    config = train_config(profile, method, params, seed)
+    iterations = config.epochs * config.iterations_per_epoch
+    logger.info("training %s, %d labeled, seed %d", spec, len(labeled), seed)
+    with tempfile.TemporaryDirectory() as output:
+        start = time.monotonic()
+        state = Trainer(
+            config, labeled, unlabeled, output, validation=validation, device=device
+        ).fit()
+        train_seconds = time.monotonic() - start
+        predictor = EnsemblePredictor.load(Path(output) / MODEL_FILE, device=device)
+        evaluation = evaluate_predictor(predictor, test)
+    vote = evaluation["vote"]
+    return {
+        "method": spec,
+        "labeled": len(labeled),
+        "seed": seed,
+        "iterations": iterations,
+        "vote_dice": vote["mean_dice"],
+        "vote_hd95": vote["mean_hd95"],
+        "member_dice": evaluation["member_mean_dice"],
+        "vote_dice_per_class": vote["dice"],
+        "train_seconds": round(train_seconds, 1),
+        "seconds_per_iteration": round(train_seconds / iterations, 3),
+        "final_losses": state.losses,
+        # Learning curves: each epoch's mean loss terms and weights, at the iteration it ended.
+        "loss_history": [
+            {
+                "iteration": entry["epoch"] * config.iterations_per_epoch,
+                **{k: round(v, 6) for k, v in entry["losses"].items()},
+            }
+            for entry in state.history
+        ],
+    }
+
+
+def _share_threads(threads: int) -> None:
+    """Worker initialiser: each run at the same time gets its share of the CPU threads.
+
+    Args:
+        threads: Torch threads of this worker process.
+    """
+    torch.set_num_threads(threads)
+
+
+def run_plan(
+    profile: Profile,
+    plan: list[Run],
+    splits: Splits,
+    device: str | None,
+    workers: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Train the planned runs, ``workers`` at a time, and yield each result as its run ends.
+
+    Args:
+        profile: The benchmark setting.
+        plan: ``(method spec, label count, seed)`` of each run.
+        splits: Test, validation and training cases (:func:`profiles.split_cases`).
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
+        workers: Runs trained at the same time, each in its own process with
+            ``cpu_count // workers`` threads (sharing the GPU when there is one).
+
+    Yields:
+        Each run's row (:func:`run_one`), in the order the runs end.
+    """
+    if workers <= 1:
+        for method, count, seed in plan:
+            yield run_one(profile, method, count, seed, splits, device)
+        return
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_share_threads,
+        initargs=(max(1, (os.cpu_count() or 1) // workers),),
+    )
+    try:
+        futures = [
+            pool.submit(run_one, profile, method, count, seed, splits, device)
+            for method, count, seed in plan
+        ]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # A failed run (or Ctrl-C) stops the queued runs; the finished ones are already saved.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def plan_runs(
+    profile: Profile, methods: Iterable[str], num_train: int, done: Iterable[Run] = ()
+) -> list[Run]:
+    """The benchmark's runs that have no row yet, fewest labels first.
+
+    Every method runs at every label count and seed of the profile, except ``full``, which
+    runs once per seed, with every training case labeled, when the profile's last label count
+    comes (the targets are at the smallest label count, so those runs come first).
+
+    Args:
+        profile: The benchmark setting (its label counts and seeds).
+        methods: Method specs.
+        num_train: Training cases (the label count of ``full``).
+        done: Runs that already have a row.
+
+    Returns:
+        ``(method spec, label count, seed)`` of each run to train.
+    """
+    methods, done = list(methods), set(done)
+    plan = [
+        (method, num_train if method == "full" else count, seed)
+        for seed in profile.seeds
+        for count in profile.label_counts
+        for method in methods
+        if method != "full" or count == profile.label_counts[-1]
+    ]
+    return [run for run in plan if run not in done]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file, in the order they were written (none if it does not exist).
+
+    Args:
+        path: A JSONL file, one row (:func:`run_one`) a line.
+    """
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Add one row to a results file as soon as its run ends, so no finished run is lost.
+
+    Args:
+        path: A JSONL file (created if missing).
+        row: The run's row (:func:`run_one`).
+    """
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def done_runs(rows: Iterable[dict[str, Any]]) -> set[Run]:
+    """The runs that have a row, to leave out of :func:`plan_runs`.
+
+    Args:
+        rows: Rows of a results file.
+    """
+    return {(r["method"], r["labeled"], r["seed"]) for r in rows}
