@@ -35,6 +35,9 @@ logger = logging.getLogger("cotrain")
 
 __all__ = ["main"]
 
+#: The settings a run gets from the options not given (the command line's defaults).
+DEFAULTS = TrainConfig()
+
 
 class ProgressBar(TrainCallback):
     """A tqdm bar over all iterations, showing the loss terms and the latest validation Dice."""
@@ -291,20 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--members",
         "--views",
         type=int,
-        default=2,
+        default=DEFAULTS.members,
         help="ensemble members k (--views: former name)",
     )
-    train.add_argument("--epochs", type=int, default=50)
-    train.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--roi", type=int, nargs="+", default=[96, 96, 96], help="patch size")
+    train.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    train.add_argument(
+        "--iterations", type=int, default=DEFAULTS.iterations_per_epoch, help="iterations per epoch"
+    )
+    train.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    train.add_argument(
+        "--roi", type=int, nargs="+", default=list(DEFAULTS.roi_size), help="patch size"
+    )
     train.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm")
-    train.add_argument("--intensity", default="zscore", help="'zscore' or 'ct:LOW,HIGH'")
+    train.add_argument("--intensity", default=DEFAULTS.intensity, help="'zscore' or 'ct:LOW,HIGH'")
     train.add_argument(
         "--labels", help='JSON label names to values, e.g. \'{"anterior": 1, "posterior": 2}\''
     )
-    train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--unlabeled-batch-size", type=int, default=2)
+    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    train.add_argument("--unlabeled-batch-size", type=int, default=DEFAULTS.unlabeled_batch_size)
     train.add_argument(
         "--perturb-unlabeled",
         action="store_true",
@@ -313,12 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--unlabeled-cutout",
         type=float,
-        default=0.0,
+        default=DEFAULTS.unlabeled_cutout,
         help="with --perturb-unlabeled: blank a random box, this fraction of the patch side",
     )
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
     train.add_argument(
-        "--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="UNet channels"
+        "--channels",
+        type=int,
+        nargs="+",
+        default=list(DEFAULTS.network["channels"]),
+        help="UNet channels",
     )
     train.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="method hyperparameter"
@@ -326,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-model", help="warm-start from this model.pt")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     train.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    train.add_argument("--workers", type=int, default=0, help="data loader workers")
+    train.add_argument(
+        "--workers", type=int, default=DEFAULTS.num_workers, help="data loader workers"
+    )
     train.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     train.set_defaults(func=cmd_train)
 
