@@ -24,7 +24,8 @@ from typing import Any, TypeAlias
 import torch
 from profiles import Profile, Splits, parse_method, train_config
 
-from cotrain.engine import MODEL_FILE, Trainer
+from cotrain.checkpoint import MODEL_FILE
+from cotrain.engine import Trainer
 from cotrain.evaluation import evaluate_predictor
 from cotrain.inference import EnsemblePredictor
 

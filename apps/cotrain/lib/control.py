@@ -51,7 +51,7 @@ from monailabel.interfaces.utils.app import app_instance
 
 from cotrain.files import write_json_atomically
 from lib.configs import CoTrainTaskConfig
-from lib.scheduler import monailabel_train_tasks
+from lib.scheduler import monailabel_train_tasks, task_model
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,6 @@ def served_model(config: CoTrainTaskConfig) -> dict[str, Any]:
         "mtime_ns": stat.st_mtime_ns,
         "size": stat.st_size,
     }
-
-
-def task_model(task: Mapping[str, Any]) -> str | None:
-    """The model a MONAI Label train task trains (``request.model``)."""
-    request = task.get("request")
-    return request.get("model") if isinstance(request, Mapping) else None
 
 
 def latest_train_task(model: str, tasks: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:

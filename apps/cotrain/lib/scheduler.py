@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ def monailabel_train_tasks() -> list[dict[str, Any]]:
 
     tasks, _ = AsyncTask.status("train", all=True)
     return list(tasks or [])
+
+
+def task_model(task: Mapping[str, Any]) -> str | None:
+    """The model a MONAI Label train task trains (``request.model``)."""
+    request = task.get("request")
+    return request.get("model") if isinstance(request, Mapping) else None
 
 
 class TrainScheduler:
@@ -52,14 +58,9 @@ class TrainScheduler:
         self._list_tasks = list_tasks
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _model(task: dict[str, Any]) -> str | None:
-        request = task.get("request") or {}
-        return request.get("model")
-
     def status(self, model: str) -> tuple[bool, bool]:
         """``(running, pending)`` for ``model``: a run of it is going on / waiting to start."""
-        tasks = [t for t in self._list_tasks() if self._model(t) == model]
+        tasks = [t for t in self._list_tasks() if task_model(t) == model]
         running = any(t.get("status") == "RUNNING" for t in tasks)
         pending = any(t.get("status") == "SUBMITTED" for t in tasks)
         return running, pending
