@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate on cases held out of the training split, not on the test split",
     )
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        default=0,
+        help="score the members on the evaluation cases every N iterations (a multiple of the "
+        "iterations per epoch): the Dice-against-iterations curve of each run",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument(
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     profile = PROFILES[args.profile]
+    per_epoch = profile.train["iterations_per_epoch"]
+    if args.curve_every < 0 or args.curve_every % per_epoch:
+        parser.error(f"--curve-every must be a multiple of {per_epoch}, got {args.curve_every}")
     for spec in args.methods or []:
         try:
             check_method_spec(profile, spec)
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = split_cases(profile, tune=args.tune)
     setting = describe_setting(iterations, len(splits[0]), args.tune)
     plan = plan_runs(profile, args.methods or profile.methods, len(splits[2]), done_runs(rows))
-    runs = run_plan(profile, plan, splits, args.device, args.workers)
+    runs = run_plan(profile, plan, splits, args.device, args.workers, args.curve_every)
     for row in tqdm(runs, total=len(plan), desc=f"benchmark {name}", unit="run"):
         tqdm.write(
             f"{row['method']} labeled={row['labeled']} seed={row['seed']}: vote Dice {row['vote_dice']:.4f}, members {row['member_dice']:.4f}, {row['seconds_per_iteration']} s/it"

@@ -25,16 +25,66 @@ import torch
 from profiles import Profile, Splits, parse_method, train_config
 
 from cotrain.checkpoint import MODEL_FILE
-from cotrain.engine import Trainer
-from cotrain.evaluation import evaluate_predictor
+from cotrain.engine import TrainCallback, Trainer, TrainState
+from cotrain.evaluation import evaluate_predictor, validate_ensemble
 from cotrain.inference import EnsemblePredictor
 
 logger = logging.getLogger("bench.runner")
 
-__all__ = ["Run", "append_row", "done_runs", "plan_runs", "read_rows", "run_one", "run_plan"]
+__all__ = [
+    "DiceCurve",
+    "Run",
+    "append_row",
+    "done_runs",
+    "plan_runs",
+    "read_rows",
+    "run_one",
+    "run_plan",
+]
 
 #: ``(method spec, label count, seed)`` of one run.
 Run: TypeAlias = tuple[str, int, int]
+
+
+class DiceCurve(TrainCallback):
+    """Scores the members' current weights on the evaluation cases every ``every`` iterations.
+
+    The Dice-against-iterations curve of a run (``--curve-every``): the members and their soft
+    vote as they are at that iteration, on the preprocessed grid
+    (:func:`cotrain.evaluation.validate_ensemble`). It reads no random numbers, so a run with a
+    curve trains exactly as one without.
+
+    Args:
+        trainer: The run's trainer (its ensemble, configuration and device are read).
+        cases: ``{"image", "label"}`` cases scored (the run's test or tuning cases).
+        every: Iterations between two points; a multiple of the iterations per epoch.
+    """
+
+    def __init__(self, trainer: Trainer, cases: list[dict[str, str]], every: int) -> None:
+        self.trainer = trainer
+        self.cases = cases
+        self.every = every
+        self.points: list[dict[str, Any]] = []
+        #: Seconds spent scoring (left out of the run's training time).
+        self.seconds = 0.0
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        iteration = state.epoch * state.iterations_per_epoch
+        if iteration % self.every and state.epoch != state.total_epochs:
+            return
+        start = time.monotonic()
+        t = self.trainer
+        metrics = validate_ensemble(t.ensemble, self.cases, t.config, t.device, t.use_amp)
+        self.points.append(
+            {
+                "iteration": iteration,
+                "vote_dice": round(metrics["vote_dice"], 5),
+                "member_dice": [round(d, 5) for d in metrics["member_dice"]],
+                "disagreement": round(metrics["disagreement"], 6),
+            }
+        )
+        self.seconds += time.monotonic() - start
+        logger.info("iteration %d: vote Dice %.4f", iteration, metrics["vote_dice"])
 
 
 def run_one(
@@ -44,6 +94,7 @@ def run_one(
     seed: int,
     splits: Splits,
     device: str | None,
+    curve_every: int = 0,
 ) -> dict[str, Any]:
     """Train one method on one split and evaluate it on the test cases.
 
@@ -58,11 +109,13 @@ def run_one(
         seed: The run's seed.
         splits: Test, validation and training cases (:func:`profiles.split_cases`).
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
+        curve_every: Score the members on the test cases every this many iterations
+            (:class:`DiceCurve`; 0: only the final model). Its time is not training time.
 
     Returns:
         The run's row: its spec, label count and seed, the soft vote's Dice and HD95 and the
-        members' mean Dice on the test cases, training times, final losses and learning
-        curves (each epoch's mean loss terms).
+        members' mean Dice on the test cases, training times, final losses, learning
+        curves (each epoch's mean loss terms) and, with ``curve_every``, the Dice curve.
     """
     test, validation, train = splits
     name, params = parse_method(spec)
@@ -78,11 +131,13 @@ def run_one(
     iterations = config.epochs * config.iterations_per_epoch
     logger.info("training %s, %d labeled, seed %d", spec, len(labeled), seed)
     with tempfile.TemporaryDirectory() as output:
+        trainer = Trainer(config, labeled, unlabeled, output, validation=validation, device=device)
+        curve = DiceCurve(trainer, test, curve_every) if curve_every else None
+        if curve:
+            trainer.callbacks.append(curve)
         start = time.monotonic()
-        state = Trainer(
-            config, labeled, unlabeled, output, validation=validation, device=device
-        ).fit()
-        train_seconds = time.monotonic() - start
+        state = trainer.fit()
+        train_seconds = time.monotonic() - start - (curve.seconds if curve else 0.0)
         predictor = EnsemblePredictor.load(Path(output) / MODEL_FILE, device=device)
         evaluation = evaluate_predictor(predictor, test)
     vote = evaluation["vote"]
@@ -106,6 +161,7 @@ def run_one(
             }
             for entry in state.history
         ],
+        **({"dice_curve": curve.points} if curve else {}),
     }
 
 
@@ -124,6 +180,7 @@ def run_plan(
     splits: Splits,
     device: str | None,
     workers: int = 1,
+    curve_every: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Train the planned runs, ``workers`` at a time, and yield each result as its run ends.
 
@@ -134,13 +191,14 @@ def run_plan(
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
         workers: Runs trained at the same time, each in its own process with
             ``cpu_count // workers`` threads (sharing the GPU when there is one).
+        curve_every: See :func:`run_one`.
 
     Yields:
         Each run's row (:func:`run_one`), in the order the runs end.
     """
     if workers <= 1:
         for method, count, seed in plan:
-            yield run_one(profile, method, count, seed, splits, device)
+            yield run_one(profile, method, count, seed, splits, device, curve_every)
         return
     pool = ProcessPoolExecutor(
         workers,
@@ -150,7 +208,7 @@ def run_plan(
     )
     try:
         futures = [
-            pool.submit(run_one, profile, method, count, seed, splits, device)
+            pool.submit(run_one, profile, method, count, seed, splits, device, curve_every)
             for method, count, seed in plan
         ]
         for future in as_completed(futures):

@@ -15,8 +15,11 @@ from cotrain.methods import METHOD_CLASSES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TUNED_SETTINGS", "TrainConfig", "parse_intensity"]
+__all__ = ["AUGMENTATIONS", "OPTIMIZERS", "TUNED_SETTINGS", "TrainConfig", "parse_intensity"]
 
+#: Values of ``TrainConfig.augmentation`` and ``TrainConfig.optimizer``.
+AUGMENTATIONS = ("flip", "strong")
+OPTIMIZERS = ("adamw", "sgd")
 #: Former names of settings, still read from model files and settings written with them.
 RENAMED_SETTINGS = {"views": "members"}
 #: TrainConfig settings that the quality benchmark measured best for the papers' methods
@@ -53,8 +56,14 @@ class TrainConfig:
             members learn from each other (``perturbable`` methods).
         unlabeled_cutout: With ``perturb_unlabeled``, also blank a random box in each member's
             copy, its side this fraction of the patch side (0: no box).
-        learning_rate: Initial learning rate of the members' optimiser (AdamW, polynomial decay).
-        weight_decay: AdamW weight decay.
+        augmentation: Random augmentation of training patches: ``"flip"`` (random flips along
+            every axis) or ``"strong"`` (flips plus nnU-Net-style rotation and scaling,
+            Gaussian noise and blur, brightness, contrast and gamma; see
+            :func:`cotrain.data.training_transforms`).
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.99, as nnU-Net); either with
+            polynomial learning-rate decay.
+        learning_rate: Initial learning rate of the members' optimiser.
+        weight_decay: The optimiser's weight decay.
         seed: Seed of initialisation, view subsets, sampling and augmentation.
         network: Keyword arguments of the member network (see :func:`cotrain.networks.build_member`).
         method_params: Method hyperparameters (see each method's ``Params``).
@@ -78,6 +87,8 @@ class TrainConfig:
     unlabeled_batch_size: int = 2
     perturb_unlabeled: bool = False
     unlabeled_cutout: float = 0.0
+    augmentation: str = "flip"
+    optimizer: str = "adamw"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 0
@@ -145,6 +156,16 @@ class TrainConfig:
             raise ValueError(f"unlabeled_cutout must be in [0, 1), got {self.unlabeled_cutout}")
         if self.unlabeled_cutout and not self.perturb_unlabeled:
             raise ValueError("unlabeled_cutout needs perturb_unlabeled")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {self.augmentation!r}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.shared_fraction <= 1.0:
             raise ValueError(f"shared_fraction must be in [0, 1], got {self.shared_fraction}")
 

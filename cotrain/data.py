@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai import transforms as mt
 from monai.bundle import ConfigParser
@@ -30,6 +31,7 @@ __all__ = [
     "preprocessing",
     "preprocessing_definition",
     "read_case_list",
+    "strong_augmentation",
     "training_transforms",
 ]
 
@@ -150,10 +152,10 @@ def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label"))
 
 
 def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
-    """Preprocessing plus padding to the patch size, a random patch and random flips.
+    """Preprocessing plus padding to the patch size, a random patch and its augmentation.
 
     Args:
-        config: Provides the patch size (``roi_size``).
+        config: Provides the patch size (``roi_size``) and ``augmentation``.
         labeled: Foreground-biased crops with the label (True) or uniform crops of the image.
     """
     keys = ["image", "label"] if labeled else ["image"]
@@ -167,10 +169,46 @@ def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
         )
     else:
         steps.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
+    if config.augmentation == "strong":
+        steps += strong_augmentation(keys, config.spatial_dims)
     steps += [
         mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(config.spatial_dims)
     ]
     return mt.Compose(steps)
+
+
+def strong_augmentation(keys: Sequence[str], spatial_dims: int) -> list[mt.Transform]:
+    """nnU-Net's augmentation of a patch, with MONAI's transforms and nnU-Net's probabilities.
+
+    Rotation (up to 30 degrees about each axis) and scaling (0.7-1.4) with probability 0.2,
+    Gaussian noise (0.1), Gaussian blur (0.2), brightness (0.15), contrast (0.15) and gamma
+    (0.7-1.5, 0.3). Labels follow the spatial transform with nearest-neighbour sampling.
+
+    Args:
+        keys: ``"image"`` and optionally ``"label"``.
+        spatial_dims: 2 or 3.
+    """
+    angle = np.deg2rad(30.0)
+    steps: list[mt.Transform] = [
+        mt.RandAffined(
+            keys,
+            prob=0.2,
+            rotate_range=[angle] * (1 if spatial_dims == 2 else 3),
+            scale_range=[0.3] * spatial_dims,
+            mode=["bilinear" if k == "image" else "nearest" for k in keys],
+            padding_mode="zeros",
+        ),
+        mt.RandGaussianNoised("image", prob=0.1, std=0.1),
+        mt.RandGaussianSmoothd(
+            "image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
+        ),
+        mt.RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        mt.RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
+        mt.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+    ]
+    if "label" in keys:  # resampling returns floats
+        steps.append(mt.EnsureTyped("label", dtype=torch.long))
+    return steps
 
 
 def make_loader(

@@ -164,7 +164,16 @@ class Trainer:
         )
 
     def build_optimizer(self, ensemble: Ensemble) -> torch.optim.Optimizer:
+        """AdamW, or SGD with Nesterov momentum 0.99 as nnU-Net (``config.optimizer``)."""
         c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(
+                ensemble.parameters(),
+                lr=c.learning_rate,
+                momentum=0.99,
+                nesterov=True,
+                weight_decay=c.weight_decay,
+            )
         return torch.optim.AdamW(
             ensemble.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay
         )

@@ -22,6 +22,9 @@ from cotrain.config import TrainConfig, parse_intensity
         ({"method": "supervised", "perturb_unlabeled": True}, "not to 'supervised'"),
         ({"unlabeled_cutout": 0.5}, "unlabeled_cutout needs perturb_unlabeled"),
         ({"perturb_unlabeled": True, "unlabeled_cutout": 1.0}, "unlabeled_cutout must be in"),
+        ({"augmentation": "heavy"}, "augmentation must be one of flip, strong"),
+        ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
     ],
 )
 def test_invalid_settings_are_named(settings: dict, message: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cotrain.checkpoint import load_file
+from cotrain.data import training_transforms
 from cotrain.engine import (
     CHECKPOINT_FILE,
     MODEL_FILE,
@@ -80,6 +81,32 @@ def test_method_lowers_loss_and_segments_above_chance(
     assert len(recorder.iterations) == 40
     assert all(math.isfinite(v) for s in recorder.iterations for v in s.losses.values())
     assert (tmp_path / MODEL_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_strong_recipe_trains_and_keeps_labels_on_the_image(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """nnU-Net's augmentation and SGD: labels stay label values, aligned with their image."""
+    config = tiny_config(augmentation="strong", optimizer="sgd", learning_rate=0.01)
+    transform = training_transforms(config, labeled=True)
+    transform.set_random_state(0)
+    for _ in range(20):
+        patch = transform(synthetic_cases[0])[0]
+        label = patch["label"].as_tensor()
+        assert label.dtype == torch.long and set(label.unique().tolist()) <= {0, 1}
+    labeled, unlabeled, validation = split(synthetic_cases)
+    config = tiny_config(
+        augmentation="strong",
+        optimizer="sgd",
+        learning_rate=0.01,
+        epochs=4,
+        iterations_per_epoch=10,
+    )
+    trainer = Trainer(config, labeled, unlabeled, tmp_path, validation=validation)
+    state = trainer.fit()
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert state.best_metric > 0.7, f"soft-vote Dice {state.best_metric:.3f}"
 
 
 def test_published_model_predicts_in_the_image_space(synthetic_cases, tmp_path: Path) -> None:
