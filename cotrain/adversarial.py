@@ -66,6 +66,7 @@ def vat_perturbation(
     epsilon: float,
     xi: float = 10.0,
     power_iterations: int = 1,
+    clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Virtual adversarial perturbation (Miyato et al. 2018; Peng et al., Eq. 6).
 
@@ -81,14 +82,19 @@ def vat_perturbation(
         epsilon: L2 norm of the returned perturbation, per sample.
         xi: L2 norm of the probe step used to find the direction.
         power_iterations: Number of power iterations.
+        clean_logits: ``f(x)`` when the caller has it already (a training step's prediction
+            on ``image``; the members cotrain builds have no dropout or batch statistics, so
+            it equals the eval-mode prediction), saving a forward pass; ``None`` computes it.
 
     Returns:
         The perturbation ``r_adv`` (detached, float32) with L2 norm ``epsilon`` per sample.
     """
     x = image.detach().float()
     with evaluation_mode(model):
-        with torch.no_grad():
-            clean = torch.softmax(model(x).float(), dim=1)
+        if clean_logits is None:
+            with torch.no_grad():
+                clean_logits = model(x)
+        clean = torch.softmax(clean_logits.detach().float(), dim=1)
         d = l2_normalize(torch.randn_like(x))
         for _ in range(power_iterations):
             d = (xi * d).requires_grad_(True)

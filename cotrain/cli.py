@@ -221,7 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     predictor = EnsemblePredictor.load(_model_path(args.model), device=args.device)
-    prediction = predictor.predict_file(args.image)
+    prediction = predictor.predict_file(args.image, uncertainty=args.uncertainty is not None)
     predictor.write_prediction(prediction, args.output, args.uncertainty)
     counts = {
         name: int((prediction.label == value).sum()) for name, value in predictor.labels.items()

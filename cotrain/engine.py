@@ -279,9 +279,9 @@ class Trainer:
         self.ensemble.train()
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
-            terms = self.method.loss_terms(self.ensemble, batch)
         weights = self.method.loss_weights(progress)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            terms = self.method.loss_terms(self.ensemble, batch, weights)
         total = sum(weights[name] * term.float() for name, term in terms.items())
         if not torch.isfinite(total):
             values = {name: float(term.detach()) for name, term in terms.items()}

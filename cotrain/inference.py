@@ -34,6 +34,7 @@ __all__ = [
     "Prediction",
     "default_device",
     "ensemble_from_payload",
+    "labels_from_foreground",
     "member_logits_sliding_window",
     "soft_vote",
 ]
@@ -118,17 +119,34 @@ class Prediction:
 
     Attributes:
         label: Label values (0 background), uint8, the image's spatial shape.
-        uncertainty: Members' Jensen-Shannon divergence per voxel (nats), float32, same shape.
-        probabilities: Soft-vote class probabilities ``(C, *spatial)``, float32.
         affine: The image's affine.
+        uncertainty: Members' Jensen-Shannon divergence per voxel (nats), float32, same shape,
+            when asked for.
         member_labels: Each member's own label ``(k, *spatial)``, when asked for.
     """
 
     label: np.ndarray
-    uncertainty: np.ndarray
-    probabilities: np.ndarray
     affine: np.ndarray
+    uncertainty: np.ndarray | None = None
     member_labels: np.ndarray | None = None
+
+
+def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The argmax over classes from the foreground classes' probabilities alone.
+
+    Background is ``1 - sum(foreground)``, so the argmax equals that of all the class
+    probabilities. Resampling is linear (its weights sum to 1), so this holds after the
+    preprocessing is inverted too: that is why only the foreground channels are inverted.
+
+    Args:
+        foreground: Probabilities of the foreground classes, along ``dim``.
+        dim: The class dimension.
+
+    Returns:
+        Class indices (0 background), ``dim`` removed.
+    """
+    background = 1.0 - foreground.sum(dim=dim, keepdim=True)
+    return torch.cat([background, foreground], dim=dim).argmax(dim=dim)
 
 
 class EnsemblePredictor:
@@ -187,57 +205,82 @@ class EnsemblePredictor:
         return dict(self.config.labels)
 
     @torch.no_grad()
-    def predict_file(self, image_path: str | Path, members: bool = False) -> Prediction:
-        """Predict one image file, returning label and uncertainty in the file's own grid.
+    def member_logits(self, image: MetaTensor) -> torch.Tensor:
+        """Every member's logits on a preprocessed image, on the model's grid.
+
+        Args:
+            image: ``(C_in, *spatial)``, as :meth:`load_image` returns it.
+
+        Returns:
+            ``(k, 1, C, *spatial)`` float32 logits.
+        """
+        use_amp = self.device.type == "cuda" and self.config.amp
+        with torch.autocast(self.device.type, enabled=use_amp):
+            return member_logits_sliding_window(
+                self.ensemble, image.as_tensor().unsqueeze(0).to(self.device), self.config.roi_size
+            )
+
+    @torch.no_grad()
+    def predict_file(
+        self, image_path: str | Path, members: bool = False, uncertainty: bool = False
+    ) -> Prediction:
+        """Predict one image file, returning its label (and what else is asked) in its own grid.
+
+        Only what is returned goes back through the inverse of the preprocessing: the soft
+        vote's foreground probabilities (the label is their argmax with the background,
+        :func:`labels_from_foreground`), the uncertainty map when asked, each member's
+        foreground probabilities when asked.
 
         Args:
             image_path: A NIfTI image.
             members: Also return each member's own label (for evaluation).
+            uncertainty: Also return the members' disagreement map.
 
         Raises:
             cotrain.input_checks.InvalidImageError: If the image is not a readable volume with
                 the model's dimensions, or has NaN or infinite voxels; the message says which.
         """
         image_path = Path(image_path)
-        image = self._load_image(image_path)
-        use_amp = self.device.type == "cuda" and self.config.amp
-        with torch.autocast(self.device.type, enabled=use_amp):
-            logits = member_logits_sliding_window(
-                self.ensemble, image.unsqueeze(0).to(self.device), self.config.roi_size
-            )
-        num_classes = logits.shape[2]
-        channels = [soft_vote(logits)[0], jensen_shannon_map(logits)[0].unsqueeze(0)]
+        image = self.load_image(image_path)
+        logits = self.member_logits(image)
+        k, num_classes = logits.shape[0], logits.shape[2]
+        channels = [soft_vote(logits)[0, 1:]]
+        if uncertainty:
+            channels.append(jensen_shannon_map(logits)[0].unsqueeze(0))
         if members:
-            channels.append(torch.softmax(logits[:, 0], dim=1).flatten(0, 1))
-        # Probabilities and uncertainty go back through the inverse of the preprocessing.
-        stacked = MetaTensor(
-            torch.cat(channels).cpu(), meta=image.meta, applied_operations=image.applied_operations
-        )
-        restored = self._preprocess.inverse({"image": stacked})["image"]
-        restored = restored.as_tensor() if isinstance(restored, MetaTensor) else restored
-        probabilities = restored[:num_classes].numpy().astype(np.float32)
-        uncertainty = restored[num_classes].numpy().astype(np.float32)
+            channels.append(torch.softmax(logits[:, 0], dim=1)[:, 1:].flatten(0, 1))
+        restored = self._to_image_grid(torch.cat(channels), image)
+        foreground = num_classes - 1
+        label = labels_from_foreground(restored[:foreground]).numpy().astype(np.uint8)
+        uncertainty_map = None
+        if uncertainty:
+            uncertainty_map = restored[foreground].numpy().astype(np.float32)
         member_labels = None
         if members:
-            member_probabilities = restored[num_classes + 1 :].reshape(
-                -1, num_classes, *restored.shape[1:]
-            )
-            member_labels = member_probabilities.argmax(dim=1).numpy().astype(np.uint8)
+            member_foreground = restored[-k * foreground :].reshape(k, foreground, *label.shape)
+            member_labels = labels_from_foreground(member_foreground, dim=1).numpy()
+            member_labels = member_labels.astype(np.uint8)
         reference = nib.load(str(image_path))
         expected = tuple(reference.shape[: self.config.spatial_dims])
-        if probabilities.shape[1:] != expected:
-            raise RuntimeError(
-                f"restored prediction has shape {probabilities.shape[1:]}, image has {expected}"
-            )
-        label = probabilities.argmax(axis=0).astype(np.uint8)
-        return Prediction(label, uncertainty, probabilities, reference.affine, member_labels)
+        if label.shape != expected:
+            raise RuntimeError(f"restored prediction has shape {label.shape}, image has {expected}")
+        return Prediction(label, reference.affine, uncertainty_map, member_labels)
 
-    def _load_image(self, image_path: Path) -> MetaTensor:
+    def _to_image_grid(self, channels: torch.Tensor, image: MetaTensor) -> torch.Tensor:
+        """Channels on the model's grid back through the inverse of ``image``'s preprocessing."""
+        stacked = MetaTensor(
+            channels.cpu(), meta=image.meta, applied_operations=image.applied_operations
+        )
+        restored = self._preprocess.inverse({"image": stacked})["image"]
+        return restored.as_tensor() if isinstance(restored, MetaTensor) else restored
+
+    def load_image(self, image_path: str | Path) -> MetaTensor:
         """The preprocessed image, or :class:`InvalidImageError` saying what is wrong with it.
 
         The header is checked first (cheap, clear messages); the voxels are read once, by the
         preprocessing itself, and checked for NaN and infinite values.
         """
+        image_path = Path(image_path)
         check_image_header(image_path, self.config.spatial_dims)
         try:
             image = self._preprocess({"image": str(image_path)})["image"]
@@ -250,14 +293,27 @@ class EnsemblePredictor:
         return image
 
     def mean_disagreement(self, image_path: str | Path) -> float:
-        """Mean member disagreement over the image (for active learning)."""
-        return float(self.predict_file(image_path).uncertainty.mean())
+        """Mean member disagreement over the image, for active learning.
+
+        It is averaged on the model's grid: a ranking score needs no inversion to the image's
+        grid, which would cost more than the prediction on a CT.
+
+        Raises:
+            cotrain.input_checks.InvalidImageError: As :meth:`predict_file`.
+        """
+        return float(jensen_shannon_map(self.member_logits(self.load_image(image_path))).mean())
 
     @staticmethod
     def write_prediction(
         prediction: Prediction, label_path: str | Path, uncertainty_path: str | Path | None = None
     ) -> None:
-        """Write the label (and optionally the uncertainty map) as NIfTI with the image's affine."""
+        """Write the label (and optionally the uncertainty map) as NIfTI with the image's affine.
+
+        Raises:
+            ValueError: If an uncertainty path is given for a prediction made without it.
+        """
+        if uncertainty_path is not None and prediction.uncertainty is None:
+            raise ValueError("the prediction has no uncertainty map: predict with uncertainty=True")
         nib.save(nib.Nifti1Image(prediction.label, prediction.affine), str(label_path))
         if uncertainty_path is not None:
             nib.save(

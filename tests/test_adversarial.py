@@ -78,3 +78,18 @@ def test_perturbations_restore_training_mode_and_leave_batchnorm_statistics(make
         if k in stats:
             assert torch.equal(v, stats[k]), f"{k} changed"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_vat_with_the_steps_own_clean_prediction_gives_the_same_direction() -> None:
+    """DCT-Seg hands VAT the training step's prediction (train mode, with a graph) instead of
+    a second clean forward pass: for cotrain's members the perturbation is the same."""
+    model = small_net()
+    x = torch.randn(2, 1, 16, 16, 16)
+    model.train()
+    step_logits = model(x)  # as in a training step: train mode, part of the graph
+    torch.manual_seed(3)
+    reused = vat_perturbation(model, x, epsilon=2.0, clean_logits=step_logits)
+    torch.manual_seed(3)
+    computed = vat_perturbation(model, x, epsilon=2.0)
+    torch.testing.assert_close(reused, computed)
+    assert not reused.requires_grad and model.training

@@ -285,3 +285,46 @@ def test_unknown_method_parameter_is_named() -> None:
 
 def test_all_methods_are_registered() -> None:
     assert set(METHOD_CLASSES) == set(TERMS)
+
+
+def _count_forward_passes(ensemble: Ensemble) -> list[int]:
+    counts = [0] * len(ensemble)
+    for i, member in enumerate(ensemble.members):
+        member.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_dct_seg_leaves_out_the_diversity_work_while_its_weight_is_zero() -> None:
+    """Before the diversity ramp starts no adversarial example is made, and the member pairs
+    drawn stay those of a run that computes it (the skipping changes nothing else)."""
+    torch.manual_seed(0)
+    ensemble = Ensemble(3, 3, 1, 2, network=TINY)
+    counts = _count_forward_passes(ensemble)
+    skipping = build_method("dct_seg", 3, 3, 1, 2)
+    weights = skipping.loss_weights(0.05)
+    assert weights["diversity"] == 0.0 and weights["agreement"] > 0.0
+    terms = skipping.loss_terms(ensemble, make_batch(3), weights)
+    assert terms["diversity"].item() == 0.0
+    assert counts == [2, 2, 2]  # its labeled batch and the unlabeled batch, nothing more
+    computing = build_method("dct_seg", 3, 3, 1, 2)
+    computing.loss_terms(ensemble, make_batch(3))
+    assert skipping.pairs() == computing.pairs()
+
+
+def test_dct_seg_diversity_every_n_steps_keeps_its_mean_weight_and_resumes() -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    method = build_method("dct_seg", 2, 3, 1, 2, params={"diversity_every": 3})
+    every_step = build_method("dct_seg", 2, 3, 1, 2).loss_weights(0.5)["diversity"]
+    seen = []
+    for step in range(6):
+        weights = method.loss_weights(0.5)
+        terms = method.loss_terms(ensemble, make_batch(2, seed=step), weights)
+        seen.append(weights["diversity"])
+        assert (terms["diversity"].item() > 0) == (weights["diversity"] > 0)
+    assert seen == [3 * every_step, 0.0, 0.0] * 2
+    resumed = build_method("dct_seg", 2, 3, 1, 2, params={"diversity_every": 3})
+    resumed.load_state_dict(method.state_dict())
+    assert resumed.steps == 6 and resumed.loss_weights(0.5)["diversity"] == 3 * every_step
+    with pytest.raises(ValueError, match="diversity_every must be >= 1"):
+        build_method("dct_seg", 2, 3, 1, 2, params={"diversity_every": 0})

@@ -114,7 +114,7 @@ def test_published_model_predicts_in_the_image_space(synthetic_cases, tmp_path: 
     Trainer(tiny_config(epochs=1, iterations_per_epoch=2), labeled, unlabeled, tmp_path).fit()
     predictor = EnsemblePredictor.load(tmp_path / MODEL_FILE, device="cpu")
     assert predictor.labels == {"organ": 1}
-    prediction = predictor.predict_file(validation[0]["image"], members=True)
+    prediction = predictor.predict_file(validation[0]["image"], members=True, uncertainty=True)
     assert prediction.label.shape == (32, 32, 32)
     assert prediction.member_labels.shape == (2, 32, 32, 32)
     assert set(prediction.label.ravel().tolist()) <= {0, 1}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -137,13 +137,31 @@ class CoTrainingMethod(nn.Module):
     def attach(self, ensemble: Ensemble) -> None:
         """Hook called once the ensemble exists (before a checkpoint is loaded into the method)."""
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
-        """Unweighted loss terms of one step (each a scalar tensor with a graph to the members)."""
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
+        """Unweighted loss terms of one step (each a scalar tensor with a graph to the members).
+
+        Args:
+            ensemble: The members.
+            batch: The step's data.
+            weights: This step's :meth:`loss_weights`, which the engine computes first. A
+                method may skip the work of a term whose weight is 0 (:meth:`skipped`) and
+                return it as a constant 0; ``None`` computes every term.
+        """
         raise NotImplementedError
 
     def loss_weights(self, progress: float) -> dict[str, float]:
-        """Weight of each term at ``progress`` (fraction of training done, in [0, 1])."""
+        """Weight of each term at ``progress`` (fraction of training done, in [0, 1]).
+
+        The engine calls it once per step, before :meth:`loss_terms`.
+        """
         raise NotImplementedError
+
+    @staticmethod
+    def skipped(weights: Mapping[str, float] | None, name: str) -> bool:
+        """Whether term ``name`` has weight 0 this step, so its work can be left out."""
+        return weights is not None and weights.get(name, 1.0) == 0.0
 
     def after_member_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
         """Hook after the members' optimiser step (critic step, EMA update).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cotrain.losses import cross_pseudo_supervision_loss
@@ -30,7 +31,9 @@ class CrossPseudoSupervision(CoTrainingMethod):
         rampup_start: float = 0.0
         rampup_end: float = 0.3
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
         _, _, logits = self.unlabeled_predictions(ensemble, batch)
         pairs = list(itertools.combinations(range(len(ensemble)), 2))

@@ -9,6 +9,11 @@
   and vice versa (Eq. 5). Adversarial examples: FGSM against the ground truth on labeled
   images (Eq. 7), VAT on unlabeled images (Eq. 6).
 
+``diversity_every = n > 1`` (not in the paper; 1 by default) computes ``L_div`` on every n-th step
+only, with ``n lambda_div(t)``, so that its mean weight is unchanged and its cost divided by n.
+VAT's reference prediction ``f_i(x)`` is the step's own (no second clean forward pass), and
+``L_div`` is not computed while its weight is 0 (the first ``div_rampup_start`` of a run).
+
 Departure from Algorithm 1 for k > 2: the supervised and agreement terms update all members
 every step (they are cheap next to the adversarial examples); only the diversity term is
 restricted to the sampled pair. For k = 2 it is the paper's algorithm.
@@ -16,6 +21,7 @@ restricted to the sampled pair. For k = 2 it is the paper's algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +53,8 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: L2 size of VAT perturbations per sample, over the whole patch.
         vat_xi: L2 size of VAT's probe step (must not vanish in 3D, see ``vat_perturbation``).
         vat_power_iterations: VAT power iterations.
+        diversity_every: Compute the diversity term on every n-th step only, weighted n times
+            (1: every step, the paper).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
         """
 
@@ -59,23 +67,36 @@ class DCTSeg(CoTrainingMethod):
         vat_epsilon: float = 6.0
         vat_xi: float = 10.0
         vat_power_iterations: int = 1
+        diversity_every: int = 1
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.diversity_every < 1:
+                raise ValueError(f"diversity_every must be >= 1, got {self.diversity_every}")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pairs = MemberPairSampler(self.num_members, seed=self.seed)
+        #: Steps taken (``loss_terms`` calls), for ``diversity_every``.
+        self.steps = 0
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, labeled_logits = self.supervised_term(ensemble, batch)
         unlabeled_inputs, unlabeled_logits, aligned_logits = self.unlabeled_predictions(
             ensemble, batch
         )
-        i, j = self.pairs()
-        diversity = self._diversity_direction(
-            ensemble, batch, i, j, labeled_logits, unlabeled_inputs, unlabeled_logits
-        )
-        diversity = diversity + self._diversity_direction(
-            ensemble, batch, j, i, labeled_logits, unlabeled_inputs, unlabeled_logits
-        )
+        i, j = self.pairs()  # drawn every step, so the pairs do not depend on the skipping
+        self.steps += 1
+        if self.skipped(weights, "diversity"):
+            diversity = supervised.new_zeros(())
+        else:
+            diversity = self._diversity_direction(
+                ensemble, batch, i, j, labeled_logits, unlabeled_inputs, unlabeled_logits
+            ) + self._diversity_direction(
+                ensemble, batch, j, i, labeled_logits, unlabeled_inputs, unlabeled_logits
+            )
         return {
             "supervised": supervised,
             "agreement": jensen_shannon_agreement(
@@ -104,22 +125,33 @@ class DCTSeg(CoTrainingMethod):
         )
         unlabeled = unlabeled_inputs[source]
         unlabeled_adv = unlabeled + vat_perturbation(
-            source_net, unlabeled, p.vat_epsilon, p.vat_xi, p.vat_power_iterations
+            source_net,
+            unlabeled,
+            p.vat_epsilon,
+            p.vat_xi,
+            p.vat_power_iterations,
+            clean_logits=unlabeled_logits[source],
         ).to(unlabeled.dtype)
         other_on_adv = other_net(torch.cat([labeled_adv, unlabeled_adv]))
         source_clean = torch.cat([labeled_logits[source], unlabeled_logits[source]])
         return adversarial_diversity_loss(source_clean, other_on_adv)
 
     def loss_weights(self, progress: float) -> dict[str, float]:
+        """The ramped weights; with ``diversity_every = n``, the diversity weight is n times
+        the ramp on the steps that compute it (the next step's count is a multiple of n) and
+        0 on the others."""
         p = self.params
+        diversity = gaussian_rampup(progress, p.lambda_div, p.div_rampup_start, p.rampup_end)
+        n = p.diversity_every
         return {
             "supervised": 1.0,
             "agreement": gaussian_rampup(progress, p.lambda_cot, p.cot_rampup_start, p.rampup_end),
-            "diversity": gaussian_rampup(progress, p.lambda_div, p.div_rampup_start, p.rampup_end),
+            "diversity": diversity * n if self.steps % n == 0 else 0.0,
         }
 
     def get_extra_state(self) -> dict:
-        return {"pairs": self.pairs.state_dict()}
+        return {"pairs": self.pairs.state_dict(), "steps": self.steps}
 
     def set_extra_state(self, state: dict) -> None:
         self.pairs.load_state_dict(state["pairs"])
+        self.steps = int(state.get("steps", 0))  # checkpoints before diversity_every: 0

@@ -16,6 +16,7 @@ code computes them through ``.item()``), and the critic sees the image and spati
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,9 @@ class DuoSegNet(CoTrainingMethod):
         )
         self._labeled_probabilities: list[torch.Tensor] = []
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, labeled_logits = self.supervised_term(ensemble, batch)
         unlabeled_inputs, unlabeled_logits, aligned_logits = self.unlabeled_predictions(
             ensemble, batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cotrain.losses import jensen_shannon_agreement
@@ -30,7 +31,9 @@ class JensenShannonOnly(CoTrainingMethod):
         rampup_start: float = 0.0
         rampup_end: float = 0.3
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
         _, _, aligned_logits = self.unlabeled_predictions(ensemble, batch)
         agreement = jensen_shannon_agreement(aligned_logits, self.agreement_region(aligned_logits))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,9 @@ class MeanTeacher(CoTrainingMethod):
         s = self.params.noise_std
         return x + (torch.randn_like(x) * s).clamp(-2 * s, 2 * s)
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
         unlabeled = batch.unlabeled
         consistency = 0.0

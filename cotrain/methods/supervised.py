@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cotrain.methods.base import Batch, CoTrainingMethod, LossTerms
@@ -18,7 +19,9 @@ class Supervised(CoTrainingMethod):
     class Params:
         """No hyperparameters beyond the engine's."""
 
-    def loss_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+    def loss_terms(
+        self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
+    ) -> LossTerms:
         supervised, _ = self.supervised_term(ensemble, batch)
         return {"supervised": supervised}
 

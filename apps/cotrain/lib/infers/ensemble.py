@@ -153,7 +153,7 @@ class EnsembleInfer(InferTask):
 
         with self._predict_lock:
             try:
-                prediction = predictor.predict_file(image)
+                prediction = predictor.predict_file(image, uncertainty=want_uncertainty)
             except InvalidImageError as e:
                 raise HTTPException(status_code=422, detail=f"cannot segment: {e}") from None
             predicted = time.time()
