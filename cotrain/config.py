@@ -69,6 +69,9 @@ class TrainConfig:
         method_params: Method hyperparameters (see each method's ``Params``).
         shared_fraction: Fraction of the labeled cases that every member sees; the rest is
             split into exclusive chunks, one per member (DCT-Seg's per-view subsets).
+        stack_members: Run the members stacked in one vectorised call instead of one after
+            the other (same outputs and gradients; see :class:`cotrain.networks.Ensemble`);
+            ``bench/speed.py`` measures which is faster on a device.
         val_interval: Validate every this many epochs (0 disables validation).
         amp: Use mixed precision on CUDA (forward passes only; losses stay fp32).
         num_workers: Data loader worker processes.
@@ -97,6 +100,7 @@ class TrainConfig:
     )
     method_params: dict[str, Any] = field(default_factory=dict)
     shared_fraction: float = 1.0
+    stack_members: bool = False
     val_interval: int = 1
     amp: bool = True
     num_workers: int = 0

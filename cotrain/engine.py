@@ -155,7 +155,11 @@ class Trainer:
     # ----------------------------------------------------------------- hooks (override to customise)
     def build_ensemble(self) -> Ensemble:
         c = self.config
-        return Ensemble(c.members, c.spatial_dims, 1, c.num_classes, seed=c.seed, network=c.network)
+        ensemble = Ensemble(
+            c.members, c.spatial_dims, 1, c.num_classes, seed=c.seed, network=c.network
+        )
+        ensemble.stacked = c.stack_members
+        return ensemble
 
     def build_method(self) -> CoTrainingMethod:
         c = self.config

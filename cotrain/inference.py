@@ -110,6 +110,7 @@ def ensemble_from_payload(payload: dict[str, Any]) -> tuple[Ensemble, TrainConfi
         network=spec["network"],
     )
     ensemble.load_state_dict(payload["ensemble"]["state_dict"])
+    ensemble.stacked = config.stack_members
     return ensemble, config
 
 

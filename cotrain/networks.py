@@ -1,20 +1,25 @@
 """Networks: the ensemble members (MONAI networks), the ensemble that holds them, and the critic.
 
 Members are ordinary MONAI networks kept in one :class:`Ensemble`, so that every method and
-the soft vote see the same object, a checkpoint holds all members at once, and a later
-version can run the members stacked without changing callers.
+the soft vote see the same object and a checkpoint holds all members at once. Methods call
+the ensemble (:meth:`Ensemble.forward`, :meth:`Ensemble.forward_each`) rather than indexing its
+members, so the members can run one after the other (the reference) or stacked into one
+vectorised call (``Ensemble.stacked``: ``torch.func.functional_call`` under ``vmap``, which turns
+the k convolutions into grouped ones); both give the same outputs and gradients.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
 from monai.utils.module import locate
 from torch import nn
+from torch.func import functional_call, vmap
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +132,9 @@ class Ensemble(nn.Module):
                 )
         self.members = nn.ModuleList(members)
 
+    #: Run the members stacked (one vectorised call) instead of one after the other.
+    stacked: bool = False
+
     def __len__(self) -> int:
         return len(self.members)
 
@@ -139,7 +147,49 @@ class Ensemble(nn.Module):
         Returns:
             ``(k, B, num_classes, *spatial)``.
         """
+        if self.stacked:
+            return self.forward_each(x.expand(len(self), *x.shape))
         return torch.stack([member(x) for member in self.members])
+
+    def forward_each(
+        self,
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        members: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Logits of each member on its own input.
+
+        Args:
+            inputs: One ``(B, C_in, *spatial)`` input per member, as a sequence or stacked
+                ``(n, B, C_in, *spatial)``.
+            members: The members, in the order of ``inputs`` (all, in order, by default).
+
+        Returns:
+            ``(n, B, num_classes, *spatial)``: member ``members[i]`` on ``inputs[i]``.
+        """
+        chosen = [self.members[i] for i in (members if members is not None else range(len(self)))]
+        if len(chosen) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs for {len(chosen)} members")
+        if not self.stacked or len(chosen) == 1:
+            return torch.stack([member(x) for member, x in zip(chosen, inputs, strict=True)])
+        return _stacked_forward(chosen, torch.stack(list(inputs)))
+
+
+def _stacked_forward(members: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
+    """Members of one architecture in one vectorised call: their parameters stacked (a
+    differentiable copy, so gradients reach each member's own parameters) and the first
+    member's structure run under ``vmap`` over the stack."""
+    names = [name for name, _ in members[0].named_parameters()]
+    buffer_names = [name for name, _ in members[0].named_buffers()]
+    per_member = [dict(m.named_parameters()) for m in members]
+    per_member_buffers = [dict(m.named_buffers()) for m in members]
+    parameters = {n: torch.stack([p[n] for p in per_member]) for n in names}
+    buffers = {n: torch.stack([b[n] for b in per_member_buffers]) for n in buffer_names}
+    structure = members[0]
+
+    def one(parameters: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(structure, (parameters, buffers), (x,))
+
+    return vmap(one)(parameters, buffers, inputs)
 
 
 class Critic(nn.Module):

@@ -192,9 +192,7 @@ class CoTrainingMethod(nn.Module):
             logits = ensemble(batch.unlabeled)
             inputs = batch.unlabeled.expand(len(ensemble), *batch.unlabeled.shape)
             return inputs, logits, logits
-        logits = torch.stack(
-            [member(x) for member, x in zip(ensemble.members, copies.images, strict=True)]
-        )
+        logits = ensemble.forward_each(copies.images)
         return copies.images, logits, copies.align(logits)
 
     def agreement_region(self, aligned_logits: torch.Tensor) -> torch.Tensor | None:
@@ -213,10 +211,7 @@ class CoTrainingMethod(nn.Module):
         Returns:
             The summed term and each member's logits on its labeled batch.
         """
-        logits = [
-            member(images)
-            for member, (images, _) in zip(ensemble.members, batch.labeled, strict=True)
-        ]
+        logits = list(ensemble.forward_each([images for images, _ in batch.labeled]).unbind(0))
         total = sum(
             dice_ce_loss(member_logits, targets)
             for member_logits, (_, targets) in zip(logits, batch.labeled, strict=True)

@@ -92,10 +92,8 @@ class DCTSeg(CoTrainingMethod):
         if self.skipped(weights, "diversity"):
             diversity = supervised.new_zeros(())
         else:
-            diversity = self._diversity_direction(
-                ensemble, batch, i, j, labeled_logits, unlabeled_inputs, unlabeled_logits
-            ) + self._diversity_direction(
-                ensemble, batch, j, i, labeled_logits, unlabeled_inputs, unlabeled_logits
+            diversity = self._diversity(
+                ensemble, batch, (i, j), labeled_logits, unlabeled_inputs, unlabeled_logits
             )
         return {
             "supervised": supervised,
@@ -105,20 +103,18 @@ class DCTSeg(CoTrainingMethod):
             "diversity": diversity,
         }
 
-    def _diversity_direction(
+    def _adversarial_inputs(
         self,
         ensemble: Ensemble,
         batch: Batch,
         source: int,
-        other: int,
-        labeled_logits: list[torch.Tensor],
         unlabeled_inputs: torch.Tensor,
         unlabeled_logits: torch.Tensor,
     ) -> torch.Tensor:
-        """``KL(f_source(x) || f_other(g_source(x)))`` over source's labeled batch and its
-        unlabeled input (both members judged on the source's view, so no alignment is needed)."""
+        """``g_source(x)``: source's labeled batch made adversarial by FGSM and its unlabeled
+        input by VAT, both against member ``source``, concatenated."""
         p = self.params
-        source_net, other_net = ensemble.members[source], ensemble.members[other]
+        source_net = ensemble.members[source]
         images, targets = batch.labeled[source]
         labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(
             images.dtype
@@ -132,9 +128,32 @@ class DCTSeg(CoTrainingMethod):
             p.vat_power_iterations,
             clean_logits=unlabeled_logits[source],
         ).to(unlabeled.dtype)
-        other_on_adv = other_net(torch.cat([labeled_adv, unlabeled_adv]))
-        source_clean = torch.cat([labeled_logits[source], unlabeled_logits[source]])
-        return adversarial_diversity_loss(source_clean, other_on_adv)
+        return torch.cat([labeled_adv, unlabeled_adv])
+
+    def _diversity(
+        self,
+        ensemble: Ensemble,
+        batch: Batch,
+        pair: tuple[int, int],
+        labeled_logits: list[torch.Tensor],
+        unlabeled_inputs: torch.Tensor,
+        unlabeled_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """Both directions of the pair: ``KL(f_s(x) || f_o(g_s(x)))`` for ``(s, o) = (i, j)``
+        and ``(j, i)``, over the source's labeled batch and its unlabeled input (both members
+        judged on the source's view, so no alignment is needed). The two members' passes on
+        the adversarial inputs run as one ensemble call."""
+        i, j = pair
+        adversarial = [
+            self._adversarial_inputs(ensemble, batch, source, unlabeled_inputs, unlabeled_logits)
+            for source in (i, j)
+        ]
+        others_on_adversarial = ensemble.forward_each(adversarial, members=(j, i))
+        diversity = 0.0
+        for source, other_on_adv in zip((i, j), others_on_adversarial, strict=True):
+            source_clean = torch.cat([labeled_logits[source], unlabeled_logits[source]])
+            diversity = diversity + adversarial_diversity_loss(source_clean, other_on_adv)
+        return diversity
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         """The ramped weights; with ``diversity_every = n``, the diversity weight is n times
