@@ -216,12 +216,50 @@ def write_table(
     checked = target_lines(groups, supervised, targets)
     if checked:
         lines += ["", "Targets:", "", *checked]
+    lines += dice_curve_lines(rows)
     lines += [
         "",
         "s/iteration is the wall time per training step on the machine that ran the benchmark,",
         "with whatever else ran there (see the notes): a record, not a speed measurement.",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def dice_curves(rows: list[Row]) -> dict[tuple[str, int], dict[int, list[float]]]:
+    """Soft-vote Dice at each scored iteration, per method and label count, over seeds.
+
+    Only rows that record a ``dice_curve`` (``--curve-every``) count.
+    """
+    curves: dict[tuple[str, int], dict[int, list[float]]] = {}
+    for r in rows:
+        for point in r.get("dice_curve", []):
+            key = (r["method"], r["labeled"])
+            curves.setdefault(key, {}).setdefault(point["iteration"], []).append(point["vote_dice"])
+    return curves
+
+
+def dice_curve_lines(rows: list[Row]) -> list[str]:
+    """A markdown table of the soft vote's Dice against iterations (none without curves)."""
+    curves = dice_curves(rows)
+    if not curves:
+        return []
+    iterations = sorted({i for points in curves.values() for i in points})
+    lines = [
+        "",
+        "Soft-vote Dice (%) of the members as they were at each iteration, on the same cases "
+        "(mean over seeds; `--curve-every`):",
+        "",
+        "| method | labeled | " + " | ".join(str(i) for i in iterations) + " | best at |",
+        "|---|---|" + "---|" * len(iterations) + "---|",
+    ]
+    for (method, labeled), points in sorted(
+        curves.items(), key=lambda item: (item[0][1], item[0][0])
+    ):
+        means = {i: 100 * float(np.mean(points[i])) for i in iterations if i in points}
+        best = max(means, key=means.__getitem__)
+        cells = [f"{means[i]:.2f}" if i in means else "-" for i in iterations]
+        lines.append(f"| {method} | {labeled} | " + " | ".join(cells) + f" | {best} |")
+    return lines
 
 
 def plot_dice(rows: list[Row], path: Path, profile_name: str) -> None:
@@ -267,7 +305,8 @@ def plot_dice(rows: list[Row], path: Path, profile_name: str) -> None:
 def plot_learning_curves(rows: list[Row], path: Path, profile_name: str) -> None:
     """Plot each method's training loss terms against iterations (mean over seeds).
 
-    One panel per term: the supervised loss (the same Dice+CE for every method, so comparable
+    One panel per term, and with ``dice_curve`` rows a third one of the soft vote's Dice against
+    iterations. The terms: the supervised loss (the same Dice+CE for every method, so comparable
     across them) and each method's own agreement term (unweighted; its definition differs
     between methods, so compare its course within a method). Rows from before the curves were
     recorded have no ``loss_history`` and are left out; nothing is written when none has one.
@@ -290,8 +329,25 @@ def plot_learning_curves(rows: list[Row], path: Path, profile_name: str) -> None
     import matplotlib.pyplot as plt
 
     terms = {"supervised": "supervised loss (Dice+CE)", "agreement": "agreement term (unweighted)"}
-    figure, axes = plt.subplots(1, len(terms), figsize=(12, 4.5))
-    for axis, (term, title) in zip(axes, terms.items(), strict=True):
+    dice = dice_curves(rows)
+    figure, axes = plt.subplots(
+        1, len(terms) + bool(dice), figsize=(6 * (len(terms) + bool(dice)), 4.5)
+    )
+    if dice:
+        axis = axes[-1]
+        for (method, labeled), points in sorted(dice.items()):
+            iterations = sorted(points)
+            axis.plot(
+                iterations,
+                [100 * np.mean(points[i]) for i in iterations],
+                marker=".",
+                label=f"{method} ({labeled} labeled)",
+            )
+        axis.set_xlabel("iteration")
+        axis.set_title("soft-vote Dice (%) on the evaluation cases")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis, (term, title) in zip(axes[: len(terms)], terms.items(), strict=True):
         for (method, labeled), histories in sorted(curves.items()):
             length = min(len(h) for h in histories)
             if term not in histories[0][0]:

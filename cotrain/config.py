@@ -74,6 +74,9 @@ class TrainConfig:
             ``bench/speed.py`` measures which is faster on a device.
         val_interval: Validate every this many epochs (0 disables validation).
         amp: Use mixed precision on CUDA (forward passes only; losses stay fp32).
+        deterministic: Bit-reproducible runs on CUDA (deterministic cuDNN kernels). Off by
+            default: cuDNN then picks the fastest convolution kernels for the patch size
+            (``cudnn.benchmark``). Runs on CPU are reproducible either way.
         num_workers: Data loader worker processes.
         cache_rate: Fraction of the data cached in memory after loading and normalising.
     """
@@ -103,6 +106,7 @@ class TrainConfig:
     stack_members: bool = False
     val_interval: int = 1
     amp: bool = True
+    deterministic: bool = False
     num_workers: int = 0
     cache_rate: float = 1.0
 

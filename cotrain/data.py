@@ -1,13 +1,15 @@
 """Data: listing cases, MONAI transforms for labeled, unlabeled and whole-volume inputs, loaders.
 
-Labeled patches are foreground-biased crops (``RandCropByPosNegLabeld``: half the patches are
-centred on a foreground voxel), because background dominates medical volumes. Unlabeled patches
+Labeled patches are foreground-biased crops (``RandCropByLabelClassesd``: half the patches are
+centred on a foreground voxel, the foreground classes in equal shares), because background
+dominates medical volumes; the candidate centres of each class are found once per volume. Unlabeled patches
 are uniform random crops. Everything deterministic (loading, orientation, spacing, intensity)
-is cached in memory by ``CacheDataset``.
+is cached in memory by ``CacheDataset``, once per run even when several members draw from it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 from monai import transforms as mt
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader
+from monai.transforms import RandomizableTrait
+from torch.utils.data import Dataset
 
 from cotrain.config import TrainConfig, parse_intensity
 from cotrain.files import NIFTI_SUFFIXES, nifti_name
@@ -25,6 +29,8 @@ from cotrain.files import NIFTI_SUFFIXES, nifti_name
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RandomPatches",
+    "cache_volumes",
     "infinite_batches",
     "list_msd_cases",
     "make_loader",
@@ -151,6 +157,13 @@ def preprocessing(config: TrainConfig, keys: Sequence[str] = ("image", "label"))
     return ConfigParser({"preprocessing": definition}).get_parsed_content("preprocessing")
 
 
+#: Voxels kept per class as crop centres (evenly spaced over the class's voxels, as nnU-Net
+#: keeps class locations), so a CT's centres take kilobytes, not a copy of the volume.
+CROP_CENTRES_PER_CLASS = 10_000
+#: Key suffix of the cached crop centres (MONAI ``ClassesToIndicesd``'s default).
+CLASS_INDICES = "_cls_indices"
+
+
 def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
     """Preprocessing plus padding to the patch size, a random patch and its augmentation.
 
@@ -162,11 +175,24 @@ def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
     roi = config.roi_size
     steps: list = [*preprocessing(config, keys).transforms, mt.SpatialPadd(keys, spatial_size=roi)]
     if labeled:
-        steps.append(
-            mt.RandCropByPosNegLabeld(
-                keys, label_key="label", spatial_size=roi, pos=1, neg=1, num_samples=1
-            )
-        )
+        classes = config.num_classes
+        steps += [
+            # Where each class is, found once per volume (and cached), not at every crop.
+            mt.ClassesToIndicesd(
+                "label", num_classes=classes, max_samples_per_class=CROP_CENTRES_PER_CLASS
+            ),
+            mt.RandCropByLabelClassesd(
+                keys,
+                label_key="label",
+                spatial_size=roi,
+                ratios=[1.0] + [1.0 / (classes - 1)] * (classes - 1),
+                num_classes=classes,
+                num_samples=1,
+                indices_key=f"label{CLASS_INDICES}",
+                warn=False,  # a class absent from a case is simply not a centre there
+            ),
+            mt.DeleteItemsd(f"label{CLASS_INDICES}"),
+        ]
     else:
         steps.append(mt.RandSpatialCropd(keys, roi_size=roi, random_size=False))
     if config.augmentation == "strong":
@@ -211,35 +237,86 @@ def strong_augmentation(keys: Sequence[str], spatial_dims: int) -> list[mt.Trans
     return steps
 
 
+def cache_volumes(
+    cases: Sequence[dict[str, str]], transform: mt.Compose, config: TrainConfig
+) -> tuple[CacheDataset, mt.Compose]:
+    """Cache the deterministic part of ``transform`` once, for every loader that draws from it.
+
+    Args:
+        cases: ``{"image", "label"?}`` dicts.
+        transform: Transforms such as :func:`training_transforms`: a deterministic prefix
+            (loading, preprocessing, padding), then random ones.
+        config: Provides ``cache_rate``.
+
+    Returns:
+        The volumes after the deterministic prefix (``cache_rate`` of them held in memory),
+        and the random rest of ``transform``.
+    """
+    first_random = transform.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, mt.Transform)
+    )
+    if first_random is None:
+        first_random = len(transform.transforms)
+    deterministic = mt.Compose(transform.transforms[:first_random])
+    random_part = mt.Compose(transform.transforms[first_random:])
+    items = [{k: v for k, v in c.items() if k in ("image", "label")} for c in cases]
+    volumes = CacheDataset(
+        items, deterministic, cache_rate=config.cache_rate, num_workers=None, progress=False
+    )
+    return volumes, random_part
+
+
+class RandomPatches(Dataset):
+    """Random patches of some of the cached volumes, with this dataset's own random transforms.
+
+    Several of them share one :func:`cache_volumes` cache (each ensemble member draws from its
+    own subset of the labeled volumes, which are held in memory once).
+
+    Args:
+        volumes: The cached volumes.
+        indices: Which of them this dataset draws from.
+        transform: The random transforms (a copy is taken, seeded by the loader).
+    """
+
+    def __init__(
+        self, volumes: CacheDataset, indices: Sequence[int], transform: mt.Compose
+    ) -> None:
+        self.volumes = volumes
+        self.indices = list(indices)
+        self.transform = copy.deepcopy(transform)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        # The cached volume is shared: the transforms get their own copy (as CacheDataset does).
+        return self.transform(copy.deepcopy(self.volumes[self.indices[index]]))
+
+
 def make_loader(
-    cases: Sequence[dict[str, str]],
-    transform: mt.Compose,
-    batch_size: int,
-    config: TrainConfig,
-    seed: int,
+    patches: RandomPatches, batch_size: int, config: TrainConfig, seed: int
 ) -> DataLoader:
     """An endless loader of random patches (sampling with replacement).
 
     Args:
-        cases: ``{"image", "label"?}`` dicts.
-        transform: Transforms; the deterministic prefix is cached.
+        patches: Where the patches come from.
         batch_size: Patches per batch.
-        config: Provides ``cache_rate`` and ``num_workers``.
+        config: Provides ``num_workers``.
         seed: Seed of the sampler and of the random transforms.
     """
-    items = [{k: v for k, v in c.items() if k in ("image", "label")} for c in cases]
-    transform.set_random_state(seed)
-    dataset = CacheDataset(
-        items, transform, cache_rate=config.cache_rate, num_workers=None, progress=False
-    )
-    generator = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(
-        dataset, replacement=True, num_samples=2**31 - 1, generator=generator
+        patches,
+        replacement=True,
+        num_samples=2**31 - 1,
+        generator=torch.Generator().manual_seed(seed),
     )
     return DataLoader(
-        dataset,
+        patches,
         batch_size=batch_size,
         sampler=sampler,
+        # MONAI's loader seeds the dataset's random transforms from this generator (from
+        # torch's global one without it, the same seed for every loader).
+        generator=torch.Generator().manual_seed(seed),
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
     )

@@ -226,7 +226,10 @@ class Trainer:
             TrainingStopped: If :meth:`request_stop` was called (nothing is published).
         """
         c = self.config
-        set_determinism(seed=c.seed)
+        set_determinism(seed=c.seed)  # seeds every generator, and makes cuDNN deterministic
+        if not c.deterministic:
+            torch.backends.cudnn.deterministic = False
+            torch.backends.cudnn.benchmark = True  # fastest kernels for the fixed patch size
         start = time.monotonic()
         self.output_dir.mkdir(parents=True, exist_ok=True)
 

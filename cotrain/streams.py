@@ -15,7 +15,13 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cotrain.config import TrainConfig
-from cotrain.data import infinite_batches, make_loader, training_transforms
+from cotrain.data import (
+    RandomPatches,
+    cache_volumes,
+    infinite_batches,
+    make_loader,
+    training_transforms,
+)
 from cotrain.distributed import rank
 from cotrain.methods import Batch
 from cotrain.perturbation import UnlabeledPerturbation
@@ -53,18 +59,19 @@ class BatchStreams:
         self.subsets = split_labeled_subsets(
             len(labeled), c.members, c.shared_fraction, seed=c.seed
         )
-        labeled_transform = training_transforms(c, labeled=True)
+        # The labeled volumes are cached once; each member draws patches of its own subset.
+        labeled_volumes, labeled_patches = cache_volumes(
+            labeled, training_transforms(c, labeled=True), c
+        )
+        #: Each member's labeled patches (all drawn from one cache of the labeled volumes).
+        self.member_patches = [
+            RandomPatches(labeled_volumes, subset, labeled_patches) for subset in self.subsets
+        ]
         self._labeled: list[Iterator[dict]] = [
             infinite_batches(
-                make_loader(
-                    [labeled[i] for i in subset],
-                    labeled_transform,
-                    c.batch_size,
-                    c,
-                    seed=c.seed + 101 * m + 1000 * rank(),
-                )
+                make_loader(patches, c.batch_size, c, seed=c.seed + 101 * m + 1000 * rank())
             )
-            for m, subset in enumerate(self.subsets)
+            for m, patches in enumerate(self.member_patches)
         ]
         self._unlabeled: Iterator[dict] | None = None
         self._perturbation: UnlabeledPerturbation | None = None
@@ -75,10 +82,12 @@ class BatchStreams:
                     "no unlabeled images: the labeled images are used as unlabeled data too"
                 )
                 pool = [{"image": case["image"]} for case in labeled]
+            unlabeled_volumes, unlabeled_patches = cache_volumes(
+                pool, training_transforms(c, labeled=False), c
+            )
             self._unlabeled = infinite_batches(
                 make_loader(
-                    pool,
-                    training_transforms(c, labeled=False),
+                    RandomPatches(unlabeled_volumes, range(len(pool)), unlabeled_patches),
                     c.unlabeled_batch_size,
                     c,
                     seed=c.seed + 7 + 1000 * rank(),
