@@ -30,12 +30,14 @@ from cotrain.engine import TrainCallback, Trainer, TrainState
 from cotrain.evaluation import evaluate_predictor
 from cotrain.inference import EnsemblePredictor
 from cotrain.methods import METHOD_CLASSES
+from cotrain.planning import CT_WINDOW, Plan, apply_plan, network_strides, plan_preprocessing
 
 logger = logging.getLogger("cotrain")
 
 __all__ = ["main"]
 
-#: The settings a run gets from the options not given (the command line's defaults).
+#: The settings a run gets from the options not given (the command line's defaults), except
+#: ``--roi``, ``--spacing`` and ``--intensity``: those not given are planned from the images.
 DEFAULTS = TrainConfig()
 
 
@@ -101,6 +103,43 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _spacing_value(text: str) -> float | str:
+    """One ``--spacing`` value: a number, or ``none``/``original`` (keep the images' grid)."""
+    if text.strip().lower() in ("none", "original"):
+        return "none"
+    return float(text)
+
+
+def _planned_settings(
+    args: argparse.Namespace, images: Sequence[str], network: dict[str, Any]
+) -> tuple[dict[str, Any], Plan | None]:
+    """The ``roi_size``, ``target_spacing`` and ``intensity`` of a run: each option given wins;
+    the others come from a plan of ``images`` (:func:`cotrain.planning.plan_preprocessing`).
+
+    Returns:
+        The three settings and the plan (``None`` when every option was given).
+    """
+    given: dict[str, Any] = {}
+    if args.roi is not None:
+        given["roi_size"] = args.roi
+    if args.spacing is not None:
+        if "none" in args.spacing and len(args.spacing) > 1:
+            raise SystemExit("--spacing: give numbers, or 'none' alone to keep the images' grid")
+        given["target_spacing"] = None if args.spacing == ["none"] else args.spacing
+    if args.intensity is not None:
+        given["intensity"] = args.intensity
+    if len(given) == 3:
+        return given, None
+    dims = next((len(v) for v in (args.roi, given.get("target_spacing")) if v), None)
+    plan = plan_preprocessing(images, network_strides(network), spatial_dims=dims)
+    planned = apply_plan(given, plan)
+    logger.info(
+        "from the plan: %s",
+        ", ".join(f"{k} {planned[k]}" for k in planned if k not in given),
+    )
+    return planned, plan
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cases = list_msd_cases(args.data)
     validation = (
@@ -123,13 +162,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     unlabeled = [{"image": c["image"]} for c in pool if c["name"] not in names]
 
     labels = json.loads(args.labels) if args.labels else _infer_labels(labeled)
+    network = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
+    images = [c["image"] for c in labeled] + [c["image"] for c in unlabeled]
+    preprocessing, plan = _planned_settings(args, images, network)
     settings: dict[str, Any] = {
         "method": args.method,
         "members": args.members,
         "labels": labels,
-        "roi_size": args.roi,
-        "target_spacing": args.spacing,
-        "intensity": args.intensity,
+        **preprocessing,
         "epochs": args.epochs,
         "iterations_per_epoch": args.iterations,
         "batch_size": args.batch_size,
@@ -138,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "unlabeled_cutout": args.unlabeled_cutout,
         "learning_rate": args.lr,
         "seed": args.seed,
-        "network": {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)},
+        "network": network,
         "method_params": dict(kv.split("=", 1) for kv in args.param),
         "amp": not args.no_amp,
         "num_workers": args.workers,
@@ -148,6 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if plan is not None:
+        (output / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     (output / "split.json").write_text(
         json.dumps(
             {
@@ -185,6 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "seconds": round(state.elapsed_s, 1),
                 "best_vote_dice": state.best_metric,
                 "last_losses": state.losses,
+                "plan": plan.to_dict() if plan is not None else None,
             },
             indent=2,
         )
@@ -303,10 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     train.add_argument(
-        "--roi", type=int, nargs="+", default=list(DEFAULTS.roi_size), help="patch size"
+        "--roi",
+        "--roi-size",
+        type=int,
+        nargs="+",
+        help="patch size (default: planned from the training images)",
     )
-    train.add_argument("--spacing", type=float, nargs="+", help="target voxel size in mm")
-    train.add_argument("--intensity", default=DEFAULTS.intensity, help="'zscore' or 'ct:LOW,HIGH'")
+    train.add_argument(
+        "--spacing",
+        "--target-spacing",
+        type=_spacing_value,
+        nargs="+",
+        help="target voxel size in mm, or 'none' to keep the images' grid (default: planned "
+        "from the training images: their median spacing, none if they all share one)",
+    )
+    train.add_argument(
+        "--intensity",
+        help="'zscore' or 'ct:LOW,HIGH' (default: planned from the training images: "
+        f"{CT_WINDOW} when they look like CT, else zscore)",
+    )
     train.add_argument(
         "--labels", help='JSON label names to values, e.g. \'{"anterior": 1, "posterior": 2}\''
     )

@@ -4,14 +4,24 @@ each iteration."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cotrain.files import nifti_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemberPairSampler", "gaussian_rampup", "split_labeled_subsets", "split_validation"]
+__all__ = [
+    "MemberPairSampler",
+    "gaussian_rampup",
+    "split_labeled_subsets",
+    "split_validation",
+    "validation_hash",
+]
 
 
 def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> float:
@@ -66,26 +76,61 @@ def split_labeled_subsets(
     return subsets
 
 
+def validation_hash(case: Mapping[str, str]) -> float:
+    """A case's place in ``[0, 1)`` for :func:`split_validation`: the first 64 bits of the
+    SHA-256 of its image id (the image's file name without ``.nii``/``.nii.gz``), so it depends
+    on nothing but the image, not on the folder it is read from nor on the other cases."""
+    image = Path(case["image"])
+    name = nifti_name(image) or image.name
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
 def split_validation(
-    labeled: list[dict[str, str]], val_split: float, val_min_labels: int, seed: int
+    labeled: Sequence[dict[str, str]], val_split: float, val_min_labels: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Hold out ``val_split`` of the labeled cases for validation, once there are enough.
+    """Hold out about ``val_split`` of the labeled cases for validation, once there are enough,
+    such that a case keeps its role as labels are added.
+
+    A case's role follows from its image id alone (:func:`validation_hash`, ``h``):
+
+    - below ``max(val_min_labels, 2)`` labeled cases nothing is held out;
+    - else the validation cases are those with ``h < val_split`` (so their fraction approaches
+      ``val_split``); adding a label never moves another case between training and validation;
+    - two guards, for few labels: while no case has ``h < val_split``, the one with the
+      smallest ``h`` is the stand-in validation case; and while every case has
+      ``h < val_split``, the one with the largest ``h`` trains (at least one case trains).
+
+    So once validation has started, no case changes role except the guards' cases, in two
+    bounded ways: the stand-in returns to training when a case with a smaller ``h`` is labeled
+    (the new case is the stand-in now, or, if its ``h < val_split``, a validation case for good);
+    and the guard's training case moves to validation when a case with a larger ``h`` is labeled.
+    A case with ``h < val_split`` is a validation case for good once validation has started
+    (unless it is the guard's training case); a case with ``h >= val_split`` trains for good
+    once it is not (or no longer) the stand-in. The stand-in is needed only while no labeled
+    case hashes below ``val_split`` (each new label ends that with probability ``val_split``);
+    the second guard only while every one does (probability ``val_split ** n``).
+
+    The count of validation cases varies as a binomial one would (its standard deviation is
+    ``sqrt(n * val_split * (1 - val_split))``, about 2.5 of 40 at 0.2): that is the price of
+    roles that do not depend on the other cases.
 
     Args:
-        labeled: Labeled cases.
+        labeled: Labeled cases (``"image"`` and ``"label"`` paths).
         val_split: Fraction to hold out (0 disables validation).
         val_min_labels: Hold out nothing below this many labeled cases.
-        seed: Seed of the (reproducible) choice.
 
     Returns:
-        ``(train, validation)``; at least one case stays for training.
+        ``(train, validation)``, each in the order of ``labeled``.
     """
+    labeled = list(labeled)
     if val_split <= 0 or len(labeled) < max(val_min_labels, 2):
-        return list(labeled), []
-    count = min(max(1, round(len(labeled) * val_split)), len(labeled) - 1)
-    order = list(range(len(labeled)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[:count])
+        return labeled, []
+    hashes = [validation_hash(c) for c in labeled]
+    held_out = {i for i, h in enumerate(hashes) if h < val_split}
+    if not held_out:
+        held_out = {min(range(len(labeled)), key=hashes.__getitem__)}
+    elif len(held_out) == len(labeled):
+        held_out.discard(max(range(len(labeled)), key=hashes.__getitem__))
     train = [c for i, c in enumerate(labeled) if i not in held_out]
     validation = [c for i, c in enumerate(labeled) if i in held_out]
     return train, validation

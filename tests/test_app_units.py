@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import time
 from pathlib import Path
 from types import ModuleType
@@ -15,7 +16,7 @@ import pytest
 from monailabel.datastore.local import LocalDatastore
 
 from cotrain.engine import TrainState
-from cotrain.schedules import split_validation
+from cotrain.schedules import split_validation, validation_hash
 from cotrain.studies import write_demo_studies
 from tests.app_helpers import APP_DIR, use_app_lib
 
@@ -145,11 +146,29 @@ def test_conf_rejects_bad_method_params_at_startup(method_params: str, named: st
         )
 
 
+def test_the_baseline_takes_the_shared_settings_it_can_use() -> None:
+    """A server-wide setting of the co-training models does not stop the supervised baseline
+    (it has no unlabeled perturbation or hyperparameters); named for it, it still does."""
+    from lib.configs import SupervisedModel
+
+    conf = {"perturb_unlabeled": "true", "method_params": '{"agreement_focus":0}', "epochs": "3"}
+    settings = parse_model_settings(conf, "supervised", SupervisedModel.method)
+    config = settings.train_config
+    assert (config.method, config.perturb_unlabeled, config.epochs) == ("supervised", False, 3)
+    with pytest.raises(ValueError, match="not to 'supervised'"):
+        parse_model_settings(
+            {"supervised.perturb_unlabeled": "true"}, "supervised", SupervisedModel.method
+        )
+
+
 def test_select_models() -> None:
     main = _load_main()
     assert main.select_models({"models": "dct_seg"}) == ["dct_seg"]
     assert main.select_models({"models": "all"}) == ["dct_seg", "duo_segnet"]
     assert main.select_models({"models": "duo_segnet, dct_seg"}) == ["dct_seg", "duo_segnet"]
+    # The supervised baseline is served when named, not with "all".
+    assert main.select_models({"models": "dct_seg,supervised"}) == ["dct_seg", "supervised"]
+    assert main.select_models({"models": "supervised"}) == ["supervised"]
     with pytest.raises(ValueError, match="provide --conf models"):
         main.select_models({})
     with pytest.raises(ValueError, match="unknown model"):
@@ -223,16 +242,49 @@ def test_scheduler_handles_models_separately() -> None:
 # ----------------------------------------------------------------------------- train task pieces
 
 
-def test_split_validation() -> None:
-    cases = [{"image": f"i{i}", "label": f"l{i}"} for i in range(10)]
-    train, val = split_validation(cases, 0.2, 5, seed=0)
-    assert len(val) == 2 and len(train) == 8
-    assert {c["image"] for c in train} | {c["image"] for c in val} == {c["image"] for c in cases}
-    assert split_validation(cases, 0.2, 5, seed=0) == (train, val)  # reproducible
-    assert split_validation(cases[:4], 0.2, 5, seed=0) == (cases[:4], [])  # too few labels
-    assert split_validation(cases, 0.0, 5, seed=0) == (cases, [])
-    train, val = split_validation(cases[:2], 0.9, 1, seed=0)
+def _case(name: str, folder: str = "/studies") -> dict[str, str]:
+    return {"image": f"{folder}/{name}.nii.gz", "label": f"{folder}/labels/final/{name}.nii.gz"}
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_split_validation_keeps_roles_as_labels_are_added(order: str) -> None:
+    """Labels submitted one by one: below val_min_labels nothing is held out; then no case
+    changes role, except the documented guard: a stand-in validation case (used while no case
+    hashes below val_split) goes back to training when a case replaces it."""
+    names = [f"case_{i:03d}" for i in range(40)]
+    if order == "shuffled":
+        random.Random(3).shuffle(names)
+    cases = [_case(n) for n in names]
+    roles: dict[str, str] = {}
+    for n in range(1, len(cases) + 1):
+        train, val = split_validation(cases[:n], 0.2, 5)
+        assert train and train == [c for c in cases[:n] if c not in val]
+        assert sorted(c["image"] for c in train + val) == sorted(c["image"] for c in cases[:n])
+        assert (len(val) > 0) == (n >= 5)  # nothing held out below val_min_labels
+        now = {c["image"]: "train" for c in train} | {c["image"]: "validation" for c in val}
+        for image, role in roles.items():
+            if now[image] != role and n > 5:
+                stand_in = role == "validation" and validation_hash({"image": image}) >= 0.2
+                assert stand_in and now[image] == "train", (n, image)
+        roles = now
+    hashed = [c for c in cases if validation_hash(c) < 0.2]
+    assert val == hashed  # after the stand-in phase: exactly the cases hashing below val_split
+
+
+def test_split_validation_depends_on_the_image_id_only() -> None:
+    cases = [_case(f"img{i}") for i in range(2000)]
+    train, val = split_validation(cases, 0.2, 5)
+    assert abs(len(val) / len(cases) - 0.2) < 0.03  # the fraction approaches val_split
+    moved = [_case(f"img{i}", "/elsewhere") for i in reversed(range(2000))]
+    assert {Path(c["image"]).name for c in split_validation(moved, 0.2, 5)[1]} == {
+        Path(c["image"]).name for c in val
+    }  # same roles from another folder, in another order
+    assert split_validation(cases[:4], 0.2, 5) == (cases[:4], [])  # too few labels
+    assert split_validation(cases[:10], 0.0, 5) == (cases[:10], [])
+    train, val = split_validation(cases[:2], 0.9, 1)
     assert len(train) == 1 and len(val) == 1  # at least one case stays for training
+    train, val = split_validation(cases[:2], 0.99, 1)
+    assert len(train) == 1 and len(val) == 1
 
 
 def test_train_stats_writer(tmp_path: Path) -> None:

@@ -65,6 +65,9 @@ def test_train_evaluate_predict_round_trip(tmp_path: Path) -> None:
     summary = json.loads(train.stdout)
     assert summary["epochs"] == 2 and Path(summary["model"]).is_file()
     assert load_file(summary["model"])["config"]["perturb_unlabeled"] is True
+    # --spacing and --intensity not given: planned from the images (one grid, not CT).
+    assert summary["plan"]["target_spacing"] is None and summary["plan"]["intensity"] == "zscore"
+    assert json.loads((output / "plan.json").read_text())["num_images"] == 6
     split = json.loads((output / "split.json").read_text())
     assert split == {
         "labeled": ["case_000", "case_001", "case_002"],

@@ -4,7 +4,8 @@ Start it with::
 
     monailabel start_server --app apps/cotrain --studies STUDIES --conf models dct_seg
 
-``--conf models`` takes ``dct_seg``, ``duo_segnet``, a comma separated list or ``all``. The
+``--conf models`` takes ``dct_seg``, ``duo_segnet``, ``supervised`` (the baseline: k members
+trained on the labels alone), a comma separated list, or ``all`` (the co-training models). The
 other ``--conf`` settings are described in ``lib/settings.py`` (labels, members,
 roi_size, target_spacing, intensity, epochs, auto_train, min_labels, ...).
 
@@ -62,6 +63,9 @@ def select_models(
 
     Raises:
         ValueError: If ``models`` is missing or names an unknown model.
+
+    ``all`` adds every model whose config has ``in_all`` (the co-training models, not the
+    supervised baseline).
     """
     available = ", ".join(["all", *configs])
     value = conf.get("models", "all" if len(configs) == 1 else "")
@@ -71,7 +75,7 @@ def select_models(
     invalid = [n for n in names if n != "all" and n not in configs]
     if invalid:
         raise ValueError(f"unknown model(s) {invalid} in --conf models; available: {available}")
-    return [n for n in configs if "all" in names or n in names]
+    return [n for n in configs if ("all" in names and configs[n].in_all) or n in names]
 
 
 class CoTrainApp(MONAILabelApp):
@@ -94,7 +98,7 @@ class CoTrainApp(MONAILabelApp):
         self.models: dict[str, CoTrainTaskConfig] = {}
         for name in select_models(conf, self.configs):
             config = self.configs[name]()
-            config.init(name, self.model_dir, conf, None)
+            config.init(name, self.model_dir, conf, None, studies=studies)
             self.models[name] = config
         restore_runtime_settings(self.models)  # auto_train switched at runtime (lib/control.py)
         logger.info("+++ Using models: %s", list(self.models))
@@ -110,6 +114,16 @@ class CoTrainApp(MONAILabelApp):
         self.scheduler = TrainScheduler(
             submit=lambda model: self.async_training(model, enqueue=True)
         )
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's ``/info``, each model's entry with its ``plan``: the ``roi_size``,
+        ``target_spacing`` and ``intensity`` in effect, which were planned from the studies
+        and why (:meth:`CoTrainTaskConfig.plan_info`)."""
+        meta = super().info()
+        for name, entry in meta.get("models", {}).items():
+            if name in self.models and isinstance(entry, dict):
+                entry["plan"] = self.models[name].plan_info()
+        return meta
 
     def label_values(self) -> dict[str, int]:
         """Every label name and value any served model uses (what a final label may hold)."""

@@ -9,6 +9,10 @@ settings, with one parser per kind of value.
 ``val_split``, ``val_min_labels``, ``processes`` and the test hook ``test_fault_injection``
 (see :mod:`lib.trainers.fault_injection`; never on a real server). A key prefixed with a model
 name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
+
+``roi_size``, ``target_spacing`` and ``intensity``, when neither ``--conf`` nor the model's
+defaults set them, are planned from the studies at start-up (:mod:`cotrain.planning`, wired in
+:class:`lib.configs.base.CoTrainTaskConfig`; :func:`unset_planned_settings` says which).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from cotrain.config import RENAMED_SETTINGS, TrainConfig
 from cotrain.methods import METHOD_CLASSES
+from cotrain.planning import PLANNED_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +163,29 @@ def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
     return None
 
 
+def _applies(setting: str, method: str) -> bool:
+    """Whether a method takes a setting (only the unlabeled perturbation and the method's
+    hyperparameters are method-specific)."""
+    method_class = METHOD_CLASSES[method]
+    if setting in ("perturb_unlabeled", "unlabeled_cutout"):
+        return method_class.perturbable
+    if setting == "method_params":
+        return bool(dataclasses.fields(method_class.Params))
+    return True
+
+
+def unset_planned_settings(
+    conf: Mapping[str, str], name: str, defaults: Mapping[str, Any] | None = None
+) -> list[str]:
+    """The planned settings (``roi_size``, ``target_spacing``, ``intensity``) that neither
+    ``conf`` (for model ``name``) nor the model's ``defaults`` set: those a plan fills in."""
+    return [
+        key
+        for key in PLANNED_SETTINGS
+        if key not in (defaults or {}) and conf_value(conf, name, key) is None
+    ]
+
+
 def parse_model_settings(
     conf: Mapping[str, str],
     name: str,
@@ -187,6 +215,11 @@ def parse_model_settings(
             continue
         raw = conf_value(conf, name, field.name)
         if raw is None:
+            continue
+        if f"{name}.{field.name}" not in conf and not _applies(field.name, method):
+            # A server-wide setting of the co-training models (e.g. ``perturb_unlabeled``)
+            # is not an error for a model whose method has no use for it (the baseline).
+            logger.info("%s: --conf %s does not apply to %s; ignored", name, field.name, method)
             continue
         try:
             value = _parser_for(field)(raw)

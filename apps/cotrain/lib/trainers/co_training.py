@@ -278,7 +278,7 @@ class CoTrainTask(TrainTask):
                 message = f"{self.name}: no usable final labels (skipped: {detail})"
             raise MONAILabelException(MONAILabelError.APP_TRAIN_FAILED, message)
         val_split = float(request.get("val_split", self.val_split))
-        train, validation = split_validation(labeled, val_split, self.val_min_labels, config.seed)
+        train, validation = split_validation(labeled, val_split, self.val_min_labels)
         writer.info.update(
             {"labeled": len(train), "validation": len(validation), "unlabeled": len(unlabeled)}
         )
