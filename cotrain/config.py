@@ -46,8 +46,13 @@ class TrainConfig:
         target_spacing: Voxel size (mm) to resample to, or ``None`` to keep the images' grid.
         intensity: ``"zscore"`` (MR: z-score over non-zero voxels) or ``"ct:LOW,HIGH"``
             (a CT window in HU mapped to [0, 1]).
-        epochs: Number of epochs.
+        epochs: Number of epochs (the most; a ``time_budget_minutes`` may run fewer).
         iterations_per_epoch: Optimiser steps per epoch.
+        time_budget_minutes: Bound the run's wall time (0: no bound). After a few steps the
+            engine measures its step time and lowers ``epochs`` (and, when one epoch is too
+            long, ``iterations_per_epoch``) so that the run, validation included, ends within
+            the budget; the schedules then span the planned run (see
+            :meth:`cotrain.engine.Trainer.fit_to_budget`).
         batch_size: Labeled patches per member and step.
         unlabeled_batch_size: Unlabeled patches per step (shared by all members).
         perturb_unlabeled: Give each member its own randomly flipped and intensity-perturbed
@@ -89,6 +94,7 @@ class TrainConfig:
     intensity: str = "zscore"
     epochs: int = 50
     iterations_per_epoch: int = 50
+    time_budget_minutes: float = 0.0
     batch_size: int = 2
     unlabeled_batch_size: int = 2
     perturb_unlabeled: bool = False
@@ -172,6 +178,8 @@ class TrainConfig:
             raise ValueError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
+        if self.time_budget_minutes < 0:
+            raise ValueError(f"time_budget_minutes must be >= 0, got {self.time_budget_minutes}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.shared_fraction <= 1.0:

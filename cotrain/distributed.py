@@ -21,6 +21,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "agree_with_main_process",
     "all_reduce_gradients",
     "check_replicas_identical",
     "init_from_environment",
@@ -79,6 +80,20 @@ def all_reduce_gradients(module: nn.Module) -> None:
             parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
         parameter.grad.div_(size)
+
+
+def agree_with_main_process(values: list[int], device: torch.device) -> list[int]:
+    """The main process's ``values`` in every process (as they are, in a single process).
+
+    Args:
+        values: Integers each process computed (e.g. a planned run length from its own clock).
+        device: Where the collective's tensor lives (a CUDA device for NCCL).
+    """
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [int(v) for v in tensor.tolist()]
 
 
 def check_replicas_identical(module: nn.Module) -> None:

@@ -15,6 +15,7 @@ Progress reaches callers through :class:`TrainCallback` objects carrying a :clas
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -35,7 +36,12 @@ from cotrain.checkpoint import (
     warm_start,
 )
 from cotrain.config import TrainConfig
-from cotrain.distributed import all_reduce_gradients, check_replicas_identical, is_main_process
+from cotrain.distributed import (
+    agree_with_main_process,
+    all_reduce_gradients,
+    check_replicas_identical,
+    is_main_process,
+)
 from cotrain.evaluation import validate_ensemble
 from cotrain.inference import default_device
 from cotrain.methods import Batch, CoTrainingMethod, build_method
@@ -43,6 +49,9 @@ from cotrain.networks import Ensemble
 from cotrain.streams import BatchStreams
 
 logger = logging.getLogger(__name__)
+
+#: Steps timed (after a first warm-up step) before a time budget plans the run's length.
+BUDGET_PROBE_STEPS = 3
 
 __all__ = [
     "TrainCallback",
@@ -214,6 +223,44 @@ class Trainer:
         :class:`TrainingStopped` and publishes nothing."""
         self._stop.set()
 
+    def setup(self) -> tuple[int, BatchStreams]:
+        """Everything :meth:`fit` does before its loop: seeds (and cuDNN's mode), the
+        ensemble, the method, the optimiser and its schedule, AMP, a resumed checkpoint or a
+        warm start, and the data streams.
+
+        Returns:
+            The first epoch to train (0, or where a resumed run stopped) and the streams.
+        """
+        c = self.config
+        set_determinism(seed=c.seed)  # seeds every generator, and makes cuDNN deterministic
+        if not c.deterministic:
+            torch.backends.cudnn.deterministic = False
+            torch.backends.cudnn.benchmark = True  # fastest kernels for the fixed patch size
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.ensemble = self.build_ensemble().to(self.device)
+        self.method = self.build_method()
+        self.method.attach(self.ensemble)
+        self.method.to(self.device)
+        self.method.reduce_gradients = all_reduce_gradients
+        self.optimizer = self.build_optimizer(self.ensemble)
+        self.lr_scheduler = self.build_lr_scheduler(self.optimizer)
+        self.use_amp = self.device.type == "cuda" and c.amp
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        first_epoch = self._restore()
+        self._max_epochs = c.epochs
+        resumed_length = (self.state.total_epochs, self.state.iterations_per_epoch)
+        if (
+            c.time_budget_minutes
+            and first_epoch
+            and resumed_length
+            != (
+                c.epochs,
+                c.iterations_per_epoch,
+            )
+        ):  # resumed: continue the length its time budget planned
+            self._set_length(*resumed_length)
+        return first_epoch, self.build_streams()
+
     def fit(self) -> TrainState:
         """Run the training and publish ``model.pt``.
 
@@ -226,33 +273,19 @@ class Trainer:
             TrainingStopped: If :meth:`request_stop` was called (nothing is published).
         """
         c = self.config
-        set_determinism(seed=c.seed)  # seeds every generator, and makes cuDNN deterministic
-        if not c.deterministic:
-            torch.backends.cudnn.deterministic = False
-            torch.backends.cudnn.benchmark = True  # fastest kernels for the fixed patch size
         start = time.monotonic()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-
-        self.ensemble = self.build_ensemble().to(self.device)
-        self.method = self.build_method()
-        self.method.attach(self.ensemble)
-        self.method.to(self.device)
-        self.method.reduce_gradients = all_reduce_gradients
-        self.optimizer = self.build_optimizer(self.ensemble)
-        self.lr_scheduler = self.build_lr_scheduler(self.optimizer)
-        self.use_amp = self.device.type == "cuda" and c.amp
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        first_epoch = self._restore()
-
-        streams = self.build_streams()
+        first_epoch, streams = self.setup()
         self._emit("on_train_start")
-        for epoch in range(first_epoch, c.epochs):
+        self._emit("on_train_start")
+        loop_start = time.monotonic() - start  # data caching done: epochs are timed from here
+        epoch = first_epoch
+        while epoch < self.config.epochs:
             self._train_epoch(epoch, streams, start)
             if (
                 is_main_process()
                 and self.validation
                 and c.val_interval
-                and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == c.epochs)
+                and ((epoch + 1) % c.val_interval == 0 or epoch + 1 == self.config.epochs)
             ):
                 self._validate()
             self.state.epoch = epoch + 1
@@ -264,9 +297,13 @@ class Trainer:
                     "metrics": dict(self.state.metrics),
                 }
             )
+            if c.time_budget_minutes:
+                seconds_per_epoch = (self.state.elapsed_s - loop_start) / (epoch + 1 - first_epoch)
+                self.fit_to_budget(self.state.elapsed_s, seconds_per_epoch, per="epoch")
             if is_main_process():
                 self._save_checkpoint()
             self._emit("on_epoch_end")
+            epoch += 1
         check_replicas_identical(self.ensemble)
         if is_main_process():
             self._publish()
@@ -308,9 +345,11 @@ class Trainer:
         return reported
 
     def _train_epoch(self, epoch: int, streams: BatchStreams, start: float) -> None:
-        c = self.config
         sums: dict[str, float] = {}
-        for iteration in range(c.iterations_per_epoch):
+        iteration = 0
+        probe_start = 0.0
+        while iteration < self.config.iterations_per_epoch:  # a time budget may shorten it
+            c = self.config
             if self._stop.is_set():
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
@@ -318,12 +357,72 @@ class Trainer:
             reported = self.train_step(batch, progress)
             for name, value in reported.items():
                 sums[name] = sums.get(name, 0.0) + value
-            self.state.iteration = iteration + 1
+            iteration += 1
+            self.state.iteration = iteration
             self.state.losses = reported
             self.state.elapsed_s = time.monotonic() - start
+            if c.time_budget_minutes and epoch == 0 and iteration == 1:
+                probe_start = self.state.elapsed_s  # the first step warms up: not measured
+            if c.time_budget_minutes and epoch == 0 and iteration == 1 + BUDGET_PROBE_STEPS:
+                seconds_per_step = (self.state.elapsed_s - probe_start) / BUDGET_PROBE_STEPS
+                self.fit_to_budget(self.state.elapsed_s, seconds_per_step, per="step")
             self._emit("on_iteration_end")
-        self.state.losses = {name: total / c.iterations_per_epoch for name, total in sums.items()}
+        self.state.losses = {name: total / iteration for name, total in sums.items()}
         self.state.losses["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
+
+    def fit_to_budget(self, elapsed_s: float, seconds: float, per: str) -> None:
+        """Shorten the run so that it ends within ``config.time_budget_minutes``.
+
+        Called after the first few steps (``per="step"``: the measured seconds per step) and
+        after every epoch (``per="epoch"``: the mean seconds per epoch so far, validation
+        included), so the plan follows the machine's real speed. The run never grows beyond
+        its configured epochs, and runs at least the epoch it is in; the learning-rate
+        schedule and the methods' ramps span the planned length.
+
+        Args:
+            elapsed_s: Seconds since the run started (data caching included).
+            seconds: Measured seconds per step or per epoch.
+            per: ``"step"`` or ``"epoch"``.
+        """
+        c = self.config
+        left = c.time_budget_minutes * 60.0 - elapsed_s
+        epochs, iterations_per_epoch = c.epochs, c.iterations_per_epoch
+        if per == "step":
+            spent = seconds * self.state.iteration  # this epoch's steps so far
+            if seconds * c.iterations_per_epoch > left + spent:
+                # Not even one epoch fits: one shorter epoch, ending within the budget.
+                steps = int(left / seconds) + self.state.iteration
+                epochs, iterations_per_epoch = 1, min(steps, c.iterations_per_epoch)
+            else:
+                epochs = int((left + spent) / (seconds * c.iterations_per_epoch))
+        else:
+            epochs = self.state.epoch + int(left / seconds)
+        epochs = max(self.state.epoch, 1, min(self._max_epochs, epochs))
+        # Every process trains as long as the main one planned (it alone validates).
+        epochs, iterations_per_epoch = agree_with_main_process(
+            [epochs, iterations_per_epoch], self.device
+        )
+        if (epochs, iterations_per_epoch) != (c.epochs, c.iterations_per_epoch):
+            self._set_length(epochs, iterations_per_epoch)
+
+    def _set_length(self, epochs: int, iterations_per_epoch: int) -> None:
+        """Change the run's planned length (the state, the configuration it publishes with,
+        and the learning-rate schedule's end)."""
+        if (epochs, iterations_per_epoch) != (self.config.epochs, self.config.iterations_per_epoch):
+            logger.info(
+                "time budget %.1f min: training %d epochs x %d iterations (planned %d x %d)",
+                self.config.time_budget_minutes,
+                epochs,
+                iterations_per_epoch,
+                self.config.epochs,
+                self.config.iterations_per_epoch,
+            )
+        self.config = dataclasses.replace(
+            self.config, epochs=epochs, iterations_per_epoch=iterations_per_epoch
+        )
+        self.state.total_epochs = epochs
+        self.state.iterations_per_epoch = iterations_per_epoch
+        self.lr_scheduler.total_iters = epochs * iterations_per_epoch
 
     def _validate(self) -> None:
         """Dice of each member and of the soft vote on the validation cases; keeps the best."""

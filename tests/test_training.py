@@ -4,6 +4,7 @@ chance; checkpoints resume; a failed or stopped run publishes nothing."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -305,3 +306,49 @@ def test_two_dimensional_images_train_and_predict(method: str, tmp_path: Path) -
         cases[7]["image"]
     )
     assert prediction.label.shape == (48, 40)
+
+
+class SlowSteps(TrainCallback):
+    """Makes every step take at least ``seconds`` (a slow machine, deterministically)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_iteration_end(self, state: TrainState) -> None:
+        time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "iterations_per_epoch", "budget_s"),
+    [(20, 5, 4.0), (1, 200, 3.0)],  # many short epochs; one epoch longer than the budget
+)
+def test_a_time_budget_shortens_the_run_and_still_publishes(
+    epochs: int, iterations_per_epoch: int, budget_s: float, synthetic_cases, tmp_path: Path
+) -> None:
+    """A retrain bounded in time measures its steps, plans fewer of them, schedules the
+    learning rate over the planned length, and publishes a model that says what it ran."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        time_budget_minutes=budget_s / 60,
+        val_interval=0,
+    )
+    recorder = Recorder()
+    start = time.monotonic()
+    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[SlowSteps(0.1), recorder])
+    state = trainer.fit()
+    elapsed = time.monotonic() - start
+
+    planned = state.total_epochs * state.iterations_per_epoch
+    assert planned < epochs * iterations_per_epoch  # the configured run (>= 10 s) did not fit
+    assert len(recorder.iterations) == planned  # it ran what it planned, no more, no less
+    assert elapsed < 2.5 * budget_s
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # decayed fully
+    published = load_file(tmp_path / MODEL_FILE)["config"]
+    assert (published["epochs"], published["iterations_per_epoch"]) == (
+        state.total_epochs,
+        state.iterations_per_epoch,
+    )
+    # What Slicer's progress bar reads: the planned length, from the first steps on.
+    assert recorder.iterations[-1].total_epochs == state.total_epochs
