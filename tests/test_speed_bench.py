@@ -1,0 +1,60 @@
+"""The speed benchmark (bench/speed.py) at its quick sizes, and the GPU check's syntax."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cotrain.methods import METHOD_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEED = ROOT / "bench" / "speed.py"
+GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
+
+
+def test_speed_benchmark_quick_writes_every_method_and_member_count(tmp_path: Path) -> None:
+    # Its own process, as the command line runs it (bench/ on the path because the script is
+    # there); one torch thread, as on the benchmark machine.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, SPEED, "--quick", "--no-server", "--device", "cpu", "--output", tmp_path],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "speed-cpu-quick.json").read_text())
+
+    rows = {row["method"]: row for row in results["training"]}
+    assert set(METHOD_CLASSES) <= set(rows)
+    assert any(spec.startswith("dct_seg:") for spec in rows)  # the tuned recipes too
+    assert any(spec.startswith("duo_segnet:") for spec in rows)
+    for row in rows.values():
+        assert row["seconds_per_step"] > 0 and row["data_seconds_per_step"] > 0
+        assert row["ratio_to_supervised"] > 0
+    assert rows["supervised"]["ratio_to_supervised"] == 1.0
+    assert all(m["step_mb"] > 0 and m["total_mb"] > 0 for m in results["memory"])
+
+    for volume in ("ct", "mr"):
+        by_k = {row["k"]: row for row in results["inference"] if row["volume"] == volume}
+        assert set(by_k) == {1, 2}
+        for row in by_k.values():
+            assert row["end_to_end_s"] >= row["network_s"] > 0
+            assert row["preprocessing_s"] > 0 and row["scoring_s"] > 0
+    assert results["server"] == {"skipped": "--no-server"}
+    assert results["machine"]["torch_threads"] == 1 and results["machine"]["device"] == "cpu"
+    assert {t["target"].split(" ")[0] for t in results["targets"]} >= {"dct_seg", "duo_segnet"}
+
+    table = (tmp_path / "speed-cpu-quick.md").read_text()
+    assert "| supervised |" in table and "## Targets" in table
+    assert "| x supervised |" in done.stdout  # the tables are printed
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    done = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
