@@ -303,6 +303,12 @@ def test_train_stats_writer(tmp_path: Path) -> None:
     stats = json.loads(path.read_text())  # strict JSON: NaN became null
     assert stats["epoch"] == 2 and stats["best_metric"] == 0.8
     assert stats["progress"] == 0.5
+    # Half done in 30 s: the planned run ends in about 30 s more (Slicer's end time).
+    assert stats["planned_iterations"] == 12
+    state.elapsed_s = 30.0
+    writer.on_epoch_end(state)
+    stats = json.loads(path.read_text())
+    assert stats["expected_end_ts"] == pytest.approx(time.time() + 30, abs=3)
     assert stats["member_dice"] == [0.7, 0.75] and stats["disagreement"] == 0.01
     assert stats["losses"] == {"supervised": 0.5, "total": None}
 
@@ -384,3 +390,34 @@ def test_former_conf_name_views_sets_members() -> None:
     assert parse_model_settings({"views": "3"}, "dct_seg", "dct_seg").train_config.members == 3
     conf = {"views": "3", "dct_seg.members": "4"}
     assert parse_model_settings(conf, "dct_seg", "dct_seg").train_config.members == 4
+
+
+def test_retrain_budget_follows_the_device_the_setting_and_the_request(tmp_path: Path) -> None:
+    """Retrains are bounded in time by default (longer for a first training and on a GPU);
+    --conf and a train request change it; the run's config carries the bound."""
+    from lib.settings import DEFAULT_BUDGET_MINUTES
+    from lib.trainers.co_training import CoTrainTask
+
+    defaults = parse_model_settings({}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
+    for device, (retrain, first) in DEFAULT_BUDGET_MINUTES.items():
+        assert defaults.budget_minutes(device, warm_start=True) == retrain
+        assert defaults.budget_minutes(device, warm_start=False) == first
+        assert first >= retrain > 0
+    assert DEFAULT_BUDGET_MINUTES["cuda"][0] >= DEFAULT_BUDGET_MINUTES["cpu"][0]
+
+    conf = {"retrain_minutes": "5", "dct_seg.first_train_minutes": "0"}
+    settings = parse_model_settings(conf, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
+    task = CoTrainTask(
+        "dct_seg",
+        str(tmp_path / "dct_seg.pt"),
+        str(tmp_path / "dct_seg"),
+        settings.train_config,
+        budget_minutes=settings.budget_minutes,
+    )
+    assert task.run_config({}, "cpu", warm_start=True).time_budget_minutes == 5.0
+    assert task.run_config({}, "cuda", warm_start=False).time_budget_minutes == 0.0  # unbounded
+    request = {"time_budget_minutes": 2.5, "max_epochs": 3}
+    config = task.run_config(request, "cpu", warm_start=True)
+    assert (config.time_budget_minutes, config.epochs) == (2.5, 3)
+    with pytest.raises(ValueError, match="retrain_minutes must be >= 0"):
+        parse_model_settings({"retrain_minutes": "-1"}, "dct_seg", DCTSegModel.method)

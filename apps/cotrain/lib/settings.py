@@ -6,7 +6,8 @@ settings, with one parser per kind of value.
 ``target_spacing``, ``intensity``, ``epochs``, ``iterations_per_epoch``, ``batch_size``,
 ``learning_rate``, ``network``, ``method_params``, ...; a former name such as ``views`` for
 ``members`` still works), plus the app's own settings ``auto_train``, ``min_labels``,
-``val_split``, ``val_min_labels``, ``processes`` and the test hook ``test_fault_injection``
+``val_split``, ``val_min_labels``, ``processes``, ``retrain_minutes``, ``first_train_minutes``
+and the test hook ``test_fault_injection``
 (see :mod:`lib.trainers.fault_injection`; never on a real server). A key prefixed with a model
 name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
 
@@ -128,6 +129,13 @@ def _parser_for(field: dataclasses.Field) -> Callable[[str], Any]:
     return _parse_json
 
 
+#: Default time budgets in minutes, (retrain, first training), by training device: what a
+#: radiologist can wait for between two submits on a CPU server, longer on a GPU server, where
+#: the same minutes buy many more iterations. ``--conf retrain_minutes`` / ``first_train_minutes``
+#: change them; a run also stops at its configured epochs.
+DEFAULT_BUDGET_MINUTES: dict[str, tuple[float, float]] = {"cpu": (8.0, 15.0), "cuda": (15.0, 30.0)}
+
+
 @dataclass
 class ModelSettings:
     """Everything one served model takes from ``--conf``.
@@ -140,6 +148,9 @@ class ModelSettings:
         val_min_labels: ...once at least this many labels exist (else no validation).
         processes: Training processes (0: one per GPU when there are several, else 1; on a
             CPU-only server N > 1 trains with N gloo processes).
+        retrain_minutes: Wall-time bound of a retrain that warm-starts from the served model
+            (``None``: :data:`DEFAULT_BUDGET_MINUTES` of the training device; 0: no bound).
+        first_train_minutes: The same for a training with no served model to start from.
         test_fault_injection: TEST HOOK: train requests may ask for a failure
             (:mod:`lib.trainers.fault_injection`).
     """
@@ -150,7 +161,22 @@ class ModelSettings:
     val_split: float = 0.2
     val_min_labels: int = 5
     processes: int = 0
+    retrain_minutes: float | None = None
+    first_train_minutes: float | None = None
     test_fault_injection: bool = False
+
+    def budget_minutes(self, device_type: str, warm_start: bool) -> float:
+        """A run's time budget (minutes; 0: none): the setting, else the device's default.
+
+        Args:
+            device_type: ``"cuda"`` or ``"cpu"``.
+            warm_start: Whether the run starts from the served model (a retrain).
+        """
+        setting = self.retrain_minutes if warm_start else self.first_train_minutes
+        if setting is not None:
+            return setting
+        retrain, first = DEFAULT_BUDGET_MINUTES["cuda" if device_type == "cuda" else "cpu"]
+        return retrain if warm_start else first
 
 
 def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
@@ -245,6 +271,8 @@ def parse_model_settings(
         ("val_split", float),
         ("val_min_labels", int),
         ("processes", int),
+        ("retrain_minutes", float),
+        ("first_train_minutes", float),
         ("test_fault_injection", parse_bool),
     ):
         raw = conf_value(conf, name, key)
@@ -258,6 +286,11 @@ def parse_model_settings(
         raise ValueError(f"--conf min_labels must be >= 1, got {settings.min_labels}")
     if settings.processes < 0:
         raise ValueError(f"--conf processes must be >= 0, got {settings.processes}")
+    for key in ("retrain_minutes", "first_train_minutes"):
+        if (getattr(settings, key) or 0) < 0:
+            raise ValueError(
+                f"--conf {key} must be >= 0 (0: no bound), got {getattr(settings, key)}"
+            )
     if not 0.0 <= settings.val_split < 1.0:
         raise ValueError(f"--conf val_split must be in [0, 1), got {settings.val_split}")
     return settings

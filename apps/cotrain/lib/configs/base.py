@@ -224,6 +224,7 @@ class CoTrainTaskConfig(TaskConfig):
             processes=self.settings.processes,
             description=f"Co-train {self.description}",
             test_fault_injection=self.settings.test_fault_injection,
+            budget_minutes=self.settings.budget_minutes,
         )
 
     def strategy(self) -> Strategy | dict[str, Strategy] | None:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ class CoTrainTask(TrainTask):
     """MONAI Label train task running :class:`cotrain.engine.Trainer`.
 
     Request keys (all optional): ``max_epochs`` (or ``epochs``), ``pretrained`` (warm start
-    from the served model, default true), ``val_split``, ``device``, and MONAI Label's
+    from the served model, default true), ``val_split``, ``device``, ``time_budget_minutes``
+    (this run's wall-time bound; 0: none; by default the model's ``retrain_minutes`` for a warm
+    start and ``first_train_minutes`` otherwise), and MONAI Label's
     multi-GPU options ``multi_gpu`` (default true: one process per GPU when there are several)
     and ``gpus`` (``"all"`` or indices such as ``"0,1"``), plus ``processes`` (a number of
     processes; on CPU, N > 1 trains with N gloo processes, the multi-GPU code path).
@@ -86,6 +89,8 @@ class CoTrainTask(TrainTask):
         keep_runs: Run folders kept (the newest); older ones are removed at the next run.
         processes: Default number of training processes (0: one per GPU, see
             :func:`cotrain.launch.process_count`).
+        budget_minutes: A run's default time budget from its device type and whether it
+            warm-starts (:meth:`lib.settings.ModelSettings.budget_minutes`); none by default.
         description: ``/info`` description.
         test_fault_injection: TEST HOOK: honour ``test_fault`` in train requests (see
             :mod:`lib.trainers.fault_injection`).
@@ -103,6 +108,7 @@ class CoTrainTask(TrainTask):
         processes: int = 0,
         description: str = "",
         test_fault_injection: bool = False,
+        budget_minutes: Callable[[str, bool], float] | None = None,
     ) -> None:
         super().__init__(description or f"Co-train {name}")
         self.name = name
@@ -114,12 +120,16 @@ class CoTrainTask(TrainTask):
         self.keep_runs = keep_runs
         self.processes = processes
         self.test_fault_injection = test_fault_injection
+        self.budget_minutes = budget_minutes or (lambda device_type, warm_start: 0.0)
         self.stats_path = self.work_dir / STATS_FILE
 
     def config(self) -> dict[str, Any]:
         """Options a client may change per run (Slicer shows them as train options)."""
         return {
             "max_epochs": self.train_config.epochs,
+            "time_budget_minutes": self.budget_minutes(
+                "cuda" if torch.cuda.is_available() else "cpu", self.model_path.exists()
+            ),
             "pretrained": True,
             "val_split": self.val_split,
             "multi_gpu": True,
@@ -134,12 +144,24 @@ class CoTrainTask(TrainTask):
         """The latest stats written by a run (see :func:`lib.trainers.stats.read_train_stats`)."""
         return read_train_stats(self.stats_path)
 
-    def run_config(self, request: dict[str, Any]) -> TrainConfig:
-        """This run's configuration: the model's, with the request's epochs."""
+    def run_config(
+        self, request: dict[str, Any], device_type: str = "cpu", warm_start: bool = False
+    ) -> TrainConfig:
+        """This run's configuration: the model's, with the request's epochs and time budget.
+
+        Args:
+            request: The train request.
+            device_type: ``"cuda"`` or ``"cpu"`` (the default budget depends on it).
+            warm_start: Whether the run starts from the served model (a retrain).
+        """
         values = self.train_config.to_dict()
         epochs = request.get("max_epochs", request.get("epochs"))
         if epochs is not None:
             values["epochs"] = int(epochs)
+        budget = request.get("time_budget_minutes")
+        values["time_budget_minutes"] = float(
+            budget if budget is not None else self.budget_minutes(device_type, warm_start)
+        )
         return TrainConfig.from_dict(values)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
@@ -173,14 +195,20 @@ class CoTrainTask(TrainTask):
         writer.write(None)
         trainer: Trainer | None = None
         try:
-            config = self.run_config(request)
-            fault = requested_fault(request, self.test_fault_injection)
-            writer.info.update({"method": config.method, "total_epochs": config.epochs})
-            train, validation, unlabeled = self._cases(request, datastore, config, writer)
-
             pretrained = parse_bool(request.get("pretrained", True))
             init_model = self.model_path if pretrained and self.model_path.exists() else None
             device = torch.device(name_to_device(request.get("device")))
+            config = self.run_config(request, device.type, init_model is not None)
+            fault = requested_fault(request, self.test_fault_injection)
+            writer.info.update(
+                {
+                    "method": config.method,
+                    "total_epochs": config.epochs,
+                    "time_budget_minutes": config.time_budget_minutes,
+                }
+            )
+            train, validation, unlabeled = self._cases(request, datastore, config, writer)
+
             processes, gpus = process_count(
                 device.type,
                 int(request.get("processes", self.processes)),

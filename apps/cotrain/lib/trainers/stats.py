@@ -119,6 +119,12 @@ class TrainStatsWriter(TrainCallback):
                     "iteration": state.iteration,
                     "iterations_per_epoch": state.iterations_per_epoch,
                     "progress": round(min(done / total, 1.0), 4),
+                    # The planned length (a time budget may have shortened the run) and when
+                    # it should end at the speed measured so far.
+                    "planned_iterations": total,
+                    "expected_end_ts": (
+                        int(time.time() + state.elapsed_s * (total - done) / done) if done else None
+                    ),
                     # -1 means "not validated yet" in the library; clients show 0..1.
                     "best_metric": max(float(state.best_metric), 0.0),
                     "best_metric_epoch": state.best_epoch,
