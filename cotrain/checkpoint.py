@@ -222,6 +222,18 @@ def load_model_with_fallback(
             ) from previous_error
 
 
+def method_state(method: nn.Module) -> dict[str, Any]:
+    """The method's own state and optimisers (a critic and its RMSprop, EMA teachers, a pair
+    sampler's position): what a warm-started retrain carries over (see :func:`warm_start`)."""
+    return {
+        "method": method.state_dict(),
+        "auxiliary_optimizers": {
+            name: optimizer.state_dict()
+            for name, optimizer in method.auxiliary_optimizers().items()
+        },
+    }
+
+
 def model_payload(
     config: TrainConfig, ensemble: nn.Module, weights: dict[str, torch.Tensor], state: Any
 ) -> dict[str, Any]:
@@ -254,16 +266,8 @@ def save_checkpoint(
     the best weights so far and the engine's ``TrainState``."""
     payload = model_payload(config, ensemble, ensemble.state_dict(), state)
     payload.update({name: part.state_dict() for name, part in training.items()})
-    payload.update(
-        {
-            "method": method.state_dict(),
-            "auxiliary_optimizers": {
-                n: o.state_dict() for n, o in method.auxiliary_optimizers().items()
-            },
-            "best_weights": best_weights,
-            "state": state.to_dict(),
-        }
-    )
+    payload.update(method_state(method))
+    payload.update({"best_weights": best_weights, "state": state.to_dict()})
     return save_atomically(payload, path)
 
 
@@ -295,24 +299,52 @@ def restore_checkpoint(
 
 def warm_start(
     model_path: str | Path, ensemble: nn.Module, map_location: str | torch.device = "cpu"
-) -> bool:
+) -> dict[str, Any] | None:
     """Load a served model's weights into ``ensemble`` (its previous version if it cannot be
     read; see :func:`load_model_with_fallback`).
 
     Returns:
-        Whether the weights were loaded; ``False``, with a warning, if no file could be read
-        or its ensemble differs from ``ensemble``.
+        The model file's payload (for :func:`continue_method`), or ``None``, with a warning,
+        if no file could be read or its ensemble differs from ``ensemble``.
     """
     try:
         payload, source = load_model_with_fallback(model_path, map_location)
     except (CorruptModelError, FileNotFoundError) as error:
         logger.warning("not warm-starting: %s; training from scratch", error)
-        return False
+        return None
     if payload["ensemble"]["spec"] != ensemble.spec:
         logger.warning("not warm-starting from %s: its ensemble differs from this run's", source)
-        return False
+        return None
     ensemble.load_state_dict(payload["ensemble"]["state_dict"])
     logger.info("warm start from %s", source)
+    return payload
+
+
+def continue_method(payload: dict[str, Any], method: nn.Module, method_name: str) -> bool:
+    """Load the method's own state that a served model's run left (:func:`method_state`) into
+    ``method``, when that run used the same method: a retrain continues its critic, teachers
+    and pair order instead of starting them afresh.
+
+    Args:
+        payload: A served model's payload, as :func:`warm_start` returns it.
+        method: The run's method, attached to the warm-started ensemble.
+        method_name: Its name.
+
+    Returns:
+        Whether the state was carried over (not from another method, from a model published
+        before models carried it, or when it does not fit, e.g. another critic size).
+    """
+    carried = payload.get("method_state")
+    if not carried or payload["config"].get("method") != method_name:
+        return False
+    try:
+        method.load_state_dict(carried["method"])
+        for name, optimizer in method.auxiliary_optimizers().items():
+            optimizer.load_state_dict(carried["auxiliary_optimizers"][name])
+    except (KeyError, RuntimeError, ValueError) as error:
+        logger.warning("not continuing the method's state: it does not fit (%s)", error)
+        return False
+    logger.info("continuing the served model's %s state", method_name)
     return True
 
 
@@ -322,8 +354,10 @@ def publish_weights(
     ensemble: nn.Module,
     weights: dict[str, torch.Tensor],
     state: Any,
+    method: nn.Module | None = None,
 ) -> Path:
-    """Write ``model.pt`` with ``weights`` atomically.
+    """Write ``model.pt`` with ``weights`` atomically (and the method's own state, for the
+    next warm start to continue from, when ``method`` is given).
 
     Raises:
         FloatingPointError: If a weight is NaN or infinite (nothing is written).
@@ -338,4 +372,7 @@ def publish_weights(
             f"not publishing {Path(path).name}: {len(broken)} weight tensors hold NaN or "
             f"infinite values (e.g. {broken[0]})"
         )
-    return save_atomically(model_payload(config, ensemble, weights, state), path)
+    payload = model_payload(config, ensemble, weights, state)
+    if method is not None:
+        payload["method_state"] = method_state(method)
+    return save_atomically(payload, path)

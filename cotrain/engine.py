@@ -30,6 +30,7 @@ from monai.utils import set_determinism
 from cotrain.checkpoint import (
     CHECKPOINT_FILE,
     MODEL_FILE,
+    continue_method,
     publish_weights,
     restore_checkpoint,
     save_checkpoint,
@@ -46,6 +47,7 @@ from cotrain.evaluation import validate_ensemble
 from cotrain.inference import default_device
 from cotrain.methods import Batch, CoTrainingMethod, build_method
 from cotrain.networks import Ensemble
+from cotrain.schedules import PolynomialWarmupLR
 from cotrain.streams import BatchStreams
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class TrainState:
         best_epoch: Epoch of ``best_metric``.
         elapsed_s: Seconds since the run started.
         history: One dict per completed epoch: losses and metrics.
+        continued: The run warm-started from a served model of the same method and carries
+            its method's state (a critic, EMA teachers); its ramps start complete.
     """
 
     epoch: int = 0
@@ -94,6 +98,7 @@ class TrainState:
     best_epoch: int = 0
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    continued: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
@@ -192,11 +197,13 @@ class Trainer:
         )
 
     def build_lr_scheduler(
-        self, optimizer: torch.optim.Optimizer
+        self, optimizer: torch.optim.Optimizer, warm_started: bool = False
     ) -> torch.optim.lr_scheduler.LRScheduler:
-        """Polynomial decay (power 0.9) over all iterations, as in nnU-Net."""
+        """Polynomial decay (power 0.9) over all iterations, as in nnU-Net; a warm-started
+        run first warms up linearly over 5% of its iterations (at most 50)."""
         total = self.config.epochs * self.config.iterations_per_epoch
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+        warmup = min(50, total // 20) if warm_started else 0
+        return PolynomialWarmupLR(optimizer, total_iters=total, warmup_iters=warmup)
 
     def build_streams(self) -> BatchStreams:
         """The run's batches (see :class:`cotrain.streams.BatchStreams`)."""
@@ -323,7 +330,8 @@ class Trainer:
         self.ensemble.train()
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
-        weights = self.method.loss_weights(progress)
+        # A continued run (the method's state carried over) resumes with its ramps complete.
+        weights = self.method.loss_weights(1.0 if self.state.continued else progress)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             terms = self.method.loss_terms(self.ensemble, batch, weights)
         total = sum(weights[name] * term.float() for name, term in terms.items())
@@ -476,13 +484,17 @@ class Trainer:
             )
             self.state = TrainState(**state)
             return self.state.epoch
-        if (
-            self.init_model is not None
-            and self.init_model.exists()
-            and warm_start(self.init_model, self.ensemble, self.device)
-        ):
+        if self.init_model is None or not self.init_model.exists():
+            return 0
+        payload = warm_start(self.init_model, self.ensemble, self.device)
+        if payload is not None:
             self.method.attach(self.ensemble)  # e.g. teachers start from the warm weights
             self.method.to(self.device)
+            # Then what the served model's run left of the method's own state (a critic, EMA
+            # teachers), when it was trained by the same method: the retrain continues it.
+            self.state.continued = continue_method(payload, self.method, self.config.method)
+            self.method.to(self.device)
+            self.lr_scheduler = self.build_lr_scheduler(self.optimizer, warm_started=True)
         return 0
 
     def _publish(self) -> None:
@@ -495,7 +507,12 @@ class Trainer:
             self._best_weights if self._best_weights is not None else self.ensemble.state_dict()
         )
         path = publish_weights(
-            self.output_dir / MODEL_FILE, self.config, self.ensemble, weights, self.state
+            self.output_dir / MODEL_FILE,
+            self.config,
+            self.ensemble,
+            weights,
+            self.state,
+            method=self.method,  # for the next retrain to continue from
         )
         logger.info(
             "published %s (best vote Dice %.4f at epoch %d)",

@@ -11,12 +11,15 @@ import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from cotrain.files import nifti_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MemberPairSampler",
+    "PolynomialWarmupLR",
     "gaussian_rampup",
     "split_labeled_subsets",
     "split_validation",
@@ -42,6 +45,41 @@ def gaussian_rampup(t: float, maximum: float, t_start: float, t_end: float) -> f
         return float(maximum)
     phase = 1.0 - (t - t_start) / (t_end - t_start)
     return float(maximum * math.exp(-5.0 * phase * phase))
+
+
+class PolynomialWarmupLR(torch.optim.lr_scheduler.LRScheduler):
+    """nnU-Net's polynomial decay, ``lr = base * (1 - t / total) ** 0.9``, after an optional
+    linear warm-up over the first ``warmup_iters`` steps.
+
+    ``total_iters`` may change while it runs (a time budget that shortens the run); the decay
+    then ends at the new total. A warm-started run warms up: its optimiser's moments start
+    from zero, and a first step of full size would undo part of what the served model learned.
+
+    Args:
+        optimizer: The optimiser whose learning rate is scheduled.
+        total_iters: Steps of the run.
+        power: Exponent of the decay.
+        warmup_iters: Steps of linear warm-up (0: none).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_iters: int,
+        power: float = 0.9,
+        warmup_iters: int = 0,
+    ) -> None:
+        self.total_iters = total_iters
+        self.power = power
+        self.warmup_iters = warmup_iters
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        step = min(self.last_epoch, self.total_iters)
+        factor = (1.0 - step / max(self.total_iters, 1)) ** self.power
+        if self.warmup_iters:
+            factor *= min(1.0, (self.last_epoch + 1) / (self.warmup_iters + 1))
+        return [base * factor for base in self.base_lrs]
 
 
 def split_labeled_subsets(

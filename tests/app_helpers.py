@@ -41,7 +41,9 @@ TINY_SERVER_CONF = {
     "unlabeled_batch_size": "1",
     "network": '{"channels":[4,8],"strides":[2],"num_res_units":0}',
     "num_workers": "0",
-    "min_labels": "2",
+    # The reliability tests start on 2 labels and start their first trainings themselves; a
+    # third label (min_labels) makes submits train.
+    "min_labels": "3",
     "val_split": "0",
 }
 #: ``--conf`` of a server that trains in about a minute on 2 CPU cores (32^3 images): 24^3

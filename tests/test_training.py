@@ -179,6 +179,59 @@ def test_warm_start_loads_the_served_weights(synthetic_cases, tmp_path: Path) ->
     torch.testing.assert_close(after[key], served[key], atol=1e-6, rtol=0)
 
 
+def test_a_retrain_continues_the_critic_ramps_and_warms_up(synthetic_cases, tmp_path: Path) -> None:
+    """Duo-SegNet's retrain starts from the served run's critic and its optimiser (not a new,
+    random judge), with its unlabeled terms at full weight, and its learning rate warms up
+    instead of hitting the served weights with full-size first steps."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    first = Trainer(
+        tiny_config(method="duo_segnet", epochs=2, iterations_per_epoch=3),
+        labeled,
+        unlabeled,
+        tmp_path / "first",
+    )
+    first.fit()
+    critic = {k: v.clone() for k, v in first.method.critic.state_dict().items()}
+    recorder = Recorder()
+    config = tiny_config(method="duo_segnet", epochs=2, iterations_per_epoch=30, learning_rate=0.01)
+    retrain = Trainer(
+        config,
+        labeled,
+        unlabeled,
+        tmp_path / "second",
+        callbacks=[recorder],
+        init_model=tmp_path / "first" / MODEL_FILE,
+    )
+    retrain.setup()
+    assert retrain.state.continued
+    for name, value in retrain.method.critic.state_dict().items():
+        torch.testing.assert_close(value, critic[name])
+    assert retrain.method.critic_optimizer.state_dict()["state"]  # RMSprop's averages too
+    retrain.fit()
+    first_step = recorder.iterations[0].losses
+    p = retrain.method.params
+    assert first_step["weight/agreement"] == p.lambda_u  # the ramps are complete
+    assert first_step["weight/adversarial"] == p.lambda_c
+    assert retrain.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # decayed
+    # Warm-up: 3 of 60 steps, from a tenth of the rate; a fresh run starts at the full rate.
+    fresh = Trainer(config, labeled, unlabeled, tmp_path / "fresh")
+    fresh.setup()
+    assert not fresh.state.continued
+    warm = retrain.build_lr_scheduler(torch.optim.SGD([torch.zeros(1)], lr=0.01), True)
+    assert warm.get_last_lr()[0] < 0.5 * fresh.lr_scheduler.get_last_lr()[0]
+
+    # From another method's model: the weights only, ramps from the start.
+    other = Trainer(
+        tiny_config(method="dct_seg", epochs=1, iterations_per_epoch=2),
+        labeled,
+        unlabeled,
+        tmp_path / "other",
+        init_model=tmp_path / "first" / MODEL_FILE,
+    )
+    other.setup()
+    assert not other.state.continued
+
+
 class Explode(TrainCallback):
     """Corrupts the members after the first iteration so that the next loss is NaN."""
 

@@ -205,9 +205,17 @@ class CoTrainApp(MONAILabelApp):
         if not datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL):
             return {}
         labeled = len(datastore.get_labeled_images())
+        outcome = self._request_training(labeled, self.models)
+        return {"train": outcome, "labeled": labeled}
+
+    def _request_training(
+        self, labeled: int, models: dict[str, CoTrainTaskConfig]
+    ) -> dict[str, str]:
+        """Ask the scheduler to train those of ``models`` that train automatically and have
+        enough labels; returns each model's outcome (or why it does not train)."""
         outcome: dict[str, str] = {}
         wanted: list[str] = []
-        for name, config in self.models.items():
+        for name, config in models.items():
             if name not in self._trainers:
                 continue
             if not config.settings.auto_train:
@@ -217,14 +225,21 @@ class CoTrainApp(MONAILabelApp):
             else:
                 wanted.append(name)
         outcome.update(self.scheduler.request(wanted))
-        return {"train": outcome, "labeled": labeled}
+        return outcome
 
     def on_init_complete(self) -> None:
         """In the server: add the ``/cotrain`` endpoints (``lib/control.py``) and make access
-        tokens work (``lib/auth.py``), then start up."""
+        tokens work (``lib/auth.py``), start up, then start the first training of every model
+        that has no served model yet while the studies already hold enough final labels (a
+        folder opened with labels in it needs no submit to get its first model)."""
         register_routes()
         accept_signed_tokens()  # MONAI Label 0.8.5 refuses every token under PyJWT 2
         super().on_init_complete()
+        untrained = {n: c for n, c in self.models.items() if not os.path.exists(c.path)}
+        if untrained:
+            labeled = len(self.datastore().get_labeled_images())
+            outcome = self._request_training(labeled, untrained)
+            logger.info("+++ first training of the models with no served model: %s", outcome)
 
     def async_scoring(self, method: str | None, params: dict[str, Any] | None = None) -> Any:
         """Run scoring methods in the background.

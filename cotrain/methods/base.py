@@ -70,6 +70,14 @@ class CoTrainingMethod(nn.Module):
     A method is an ``nn.Module`` so that its own state (a critic, EMA teachers) moves to the
     device and into checkpoints with it; the ensemble is passed in, never owned.
 
+    Warm starts: a published model also holds its method's state and own optimisers
+    (:func:`cotrain.checkpoint.method_state`). A retrain that warm-starts from a model of the
+    same method loads them after :meth:`attach` and continues (``TrainState.continued``): its
+    :meth:`loss_weights` are taken at progress 1 (the ramps were completed by the run that
+    made the model; ramping the unlabeled terms up again would spend the retrain relearning
+    from labels alone), and its learning rate warms up (the members' optimiser starts anew).
+    What each method carries is said in its module docstring.
+
     Args:
         num_members: k.
         spatial_dims: 2 or 3.

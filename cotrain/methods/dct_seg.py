@@ -17,6 +17,9 @@ VAT's reference prediction ``f_i(x)`` is the step's own (no second clean forward
 Departure from Algorithm 1 for k > 2: the supervised and agreement terms update all members
 every step (they are cheap next to the adversarial examples); only the diversity term is
 restricted to the sampled pair. For k = 2 it is the paper's algorithm.
+
+Warm starts carry the member-pair sampler's position and the ``diversity_every`` step count
+(the members carry no other state of the method).
 """
 
 from __future__ import annotations

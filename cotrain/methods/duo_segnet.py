@@ -11,6 +11,10 @@ Members minimise ``lambda_s L_s + lambda_u(t) L_u + lambda_c(t) L_c`` and the cr
 Fixed against the official code: ``L_u`` and the Dice term keep their gradients (the official
 code computes them through ``.item()``), and the critic sees the image and spatial context
 (the official critic is 1x1 convolutions on the probabilities alone).
+
+Warm starts carry the critic and its RMSprop state: a retrain's members keep being judged by the
+critic that learned their previous predictions, instead of a random one whose gradients would
+be noise until it catches up.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Mean Teacher baseline (Tarvainen & Valpola, NeurIPS 2017), one EMA teacher per member."""
+"""Mean Teacher baseline (Tarvainen & Valpola, NeurIPS 2017), one EMA teacher per member.
+
+Warm starts carry each member's EMA teacher, so the consistency targets continue rather than
+restarting from the served members' raw weights.
+"""
 
 from __future__ import annotations
 
