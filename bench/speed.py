@@ -281,10 +281,19 @@ def reset_peak_rss() -> bool:
 
 # ------------------------------------------------------------------------------------ training
 def method_specs() -> list[str]:
-    """Supervised first (every ratio's reference), then every other method, then the tuned
-    recipes."""
+    """Supervised first (every ratio's reference), then every other method, the tuned
+    recipes, DCT-Seg's adversarial term amortised (``diversity_every``), and supervised and
+    tuned DCT-Seg with the members stacked (``stack_members``: whether vectorising the members
+    pays on this device)."""
     names = ["supervised", *(name for name in METHOD_CLASSES if name != "supervised")]
-    return [*names, TUNED_DCT_SEG, TUNED_DUO_SEGNET]
+    return [
+        *names,
+        TUNED_DCT_SEG,
+        TUNED_DUO_SEGNET,
+        f"{TUNED_DCT_SEG},diversity_every=2",
+        "supervised:stack_members=true",
+        f"{TUNED_DCT_SEG},stack_members=true",
+    ]
 
 
 def training_cases(
