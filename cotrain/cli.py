@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cotrain.checkpoint import MODEL_FILE
-from cotrain.config import TrainConfig
+from cotrain.config import AUGMENTATIONS, OPTIMIZERS, TrainConfig
 from cotrain.data import list_msd_cases, read_case_list
 from cotrain.distributed import init_from_environment, is_main_process, shutdown
 from cotrain.engine import TrainCallback, Trainer, TrainState
@@ -177,6 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "perturb_unlabeled": args.perturb_unlabeled,
         "unlabeled_cutout": args.unlabeled_cutout,
         "learning_rate": args.lr,
+        "optimizer": args.optimizer,
+        "augmentation": args.augmentation,
+        "time_budget_minutes": args.time_budget,
         "seed": args.seed,
         "network": network,
         "method_params": dict(kv.split("=", 1) for kv in args.param),
@@ -382,6 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --perturb-unlabeled: blank a random box, this fraction of the patch side",
     )
     train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    train.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=DEFAULTS.optimizer,
+        help="adamw, or sgd (Nesterov momentum 0.99, as nnU-Net)",
+    )
+    train.add_argument(
+        "--augmentation",
+        choices=AUGMENTATIONS,
+        default=DEFAULTS.augmentation,
+        help="flip (random flips) or strong (nnU-Net's spatial and intensity augmentation)",
+    )
+    train.add_argument(
+        "--time-budget",
+        type=float,
+        default=DEFAULTS.time_budget_minutes,
+        metavar="MINUTES",
+        help="end the run within this wall time: the engine times its steps and trains as "
+        "many as fit, at most --epochs x --iterations (0: no bound)",
+    )
     train.add_argument(
         "--channels",
         type=int,
