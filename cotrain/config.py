@@ -84,6 +84,11 @@ class TrainConfig:
             (``cudnn.benchmark``). Runs on CPU are reproducible either way.
         num_workers: Data loader worker processes.
         cache_rate: Fraction of the data cached in memory after loading and normalising.
+        cache_gb: Memory for the cached volumes (GB; ``None``: a quarter of the machine's
+            memory). The labeled volumes are always cached; when the unlabeled studies do not
+            all fit in the rest, each run draws a random subset that does (another subset as
+            labels are added, so every study is used over time; see
+            :class:`cotrain.streams.BatchStreams`).
     """
 
     method: str = "dct_seg"
@@ -115,6 +120,7 @@ class TrainConfig:
     deterministic: bool = False
     num_workers: int = 0
     cache_rate: float = 1.0
+    cache_gb: float | None = None
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(s) for s in self.roi_size)
@@ -180,6 +186,8 @@ class TrainConfig:
             )
         if self.time_budget_minutes < 0:
             raise ValueError(f"time_budget_minutes must be >= 0, got {self.time_budget_minutes}")
+        if self.cache_gb is not None and self.cache_gb <= 0:
+            raise ValueError(f"cache_gb must be > 0 (or None for automatic), got {self.cache_gb}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.shared_fraction <= 1.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "RandomPatches",
+    "cache_budget_bytes",
     "cache_volumes",
+    "cached_bytes",
     "infinite_batches",
     "list_msd_cases",
     "make_loader",
     "preprocessing",
     "preprocessing_definition",
     "read_case_list",
+    "split_deterministic",
     "strong_augmentation",
     "training_transforms",
 ]
@@ -174,7 +178,8 @@ def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
     keys = ["image", "label"] if labeled else ["image"]
     roi = config.roi_size
     steps: list = [*preprocessing(config, keys).transforms, mt.SpatialPadd(keys, spatial_size=roi)]
-    if labeled:
+    if labeled:  # cached as one byte per voxel, not eight; a class index again after cropping
+        steps.append(mt.CastToTyped("label", dtype=torch.uint8))
         classes = config.num_classes
         steps += [
             # Where each class is, found once per volume (and cached), not at every crop.
@@ -200,6 +205,8 @@ def training_transforms(config: TrainConfig, labeled: bool) -> mt.Compose:
     steps += [
         mt.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(config.spatial_dims)
     ]
+    if labeled:
+        steps.append(mt.EnsureTyped("label", dtype=torch.long))
     return mt.Compose(steps)
 
 
@@ -215,7 +222,7 @@ def strong_augmentation(keys: Sequence[str], spatial_dims: int) -> list[mt.Trans
         spatial_dims: 2 or 3.
     """
     angle = np.deg2rad(30.0)
-    steps: list[mt.Transform] = [
+    return [
         mt.RandAffined(
             keys,
             prob=0.2,
@@ -232,9 +239,19 @@ def strong_augmentation(keys: Sequence[str], spatial_dims: int) -> list[mt.Trans
         mt.RandScaleIntensityFixedMeand("image", factors=0.25, prob=0.15, preserve_range=True),
         mt.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
     ]
-    if "label" in keys:  # resampling returns floats
-        steps.append(mt.EnsureTyped("label", dtype=torch.long))
-    return steps
+
+
+def split_deterministic(transform: mt.Compose) -> tuple[mt.Compose, mt.Compose]:
+    """``transform`` as its deterministic prefix (what a cache holds) and its random rest."""
+    first_random = transform.get_index_of_first(
+        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, mt.Transform)
+    )
+    if first_random is None:
+        first_random = len(transform.transforms)
+    return (
+        mt.Compose(transform.transforms[:first_random]),
+        mt.Compose(transform.transforms[first_random:]),
+    )
 
 
 def cache_volumes(
@@ -252,18 +269,38 @@ def cache_volumes(
         The volumes after the deterministic prefix (``cache_rate`` of them held in memory),
         and the random rest of ``transform``.
     """
-    first_random = transform.get_index_of_first(
-        lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, mt.Transform)
-    )
-    if first_random is None:
-        first_random = len(transform.transforms)
-    deterministic = mt.Compose(transform.transforms[:first_random])
-    random_part = mt.Compose(transform.transforms[first_random:])
+    deterministic, random_part = split_deterministic(transform)
     items = [{k: v for k, v in c.items() if k in ("image", "label")} for c in cases]
     volumes = CacheDataset(
         items, deterministic, cache_rate=config.cache_rate, num_workers=None, progress=False
     )
     return volumes, random_part
+
+
+def cached_bytes(volume: Any) -> int:
+    """Bytes held by the tensors and arrays of one cached item (a dict of them)."""
+    values = volume.values() if isinstance(volume, dict) else [volume]
+    total = 0
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            total += value.element_size() * value.nelement()
+        elif isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, list | tuple):
+            total += sum(cached_bytes(v) for v in value)
+    return total
+
+
+def cache_budget_bytes(config: TrainConfig) -> int:
+    """The memory the cached volumes may take: ``config.cache_gb``, else a quarter of the
+    machine's physical memory."""
+    if config.cache_gb is not None:
+        return int(config.cache_gb * 2**30)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        physical = 16 * 2**30
+    return physical // 4
 
 
 class RandomPatches(Dataset):

@@ -10,16 +10,21 @@ of a distributed run draws its own patches (the seeds include the process rank).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator, Sequence
 
 import torch
+from monai import transforms as mt
 
 from cotrain.config import TrainConfig
 from cotrain.data import (
     RandomPatches,
+    cache_budget_bytes,
     cache_volumes,
+    cached_bytes,
     infinite_batches,
     make_loader,
+    split_deterministic,
     training_transforms,
 )
 from cotrain.distributed import rank
@@ -29,7 +34,48 @@ from cotrain.schedules import split_labeled_subsets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchStreams"]
+__all__ = ["BatchStreams", "fit_pool"]
+
+
+def fit_pool(
+    pool: list[dict[str, str]], transform: mt.Compose, budget_bytes: int, seed: str
+) -> list[dict[str, str]]:
+    """The unlabeled studies whose cached volumes fit in ``budget_bytes``: all of them, or a
+    random subset (seeded, so a run is reproducible; the caller's seed changes with the label
+    count, so retrains draw other studies and every study is used over time).
+
+    The size of a cached volume is measured on two of them, and the largest is assumed for all.
+
+    Args:
+        pool: ``{"image"}`` per unlabeled study.
+        transform: Their training transforms (the deterministic part is what is cached).
+        budget_bytes: Memory left for them.
+        seed: Seed of the subset.
+    """
+    if not pool:
+        return pool
+    rng = random.Random(seed)
+    deterministic, _ = split_deterministic(transform)
+    probes = rng.sample(pool, min(2, len(pool)))
+    per_study = max(cached_bytes(deterministic(dict(study))) for study in probes)
+    fits = budget_bytes // max(per_study, 1)
+    if fits >= len(pool):
+        return pool
+    keep = max(1, int(fits))
+    logger.info(
+        "unlabeled studies: %d of %d fit the cache budget (%.2f GB left, %.1f MB each); "
+        "this run draws from a random %d",
+        keep,
+        len(pool),
+        budget_bytes / 2**30,
+        per_study / 2**20,
+        keep,
+    )
+    if budget_bytes < per_study:
+        logger.warning(
+            "the labeled volumes fill the cache budget (cache_gb): one unlabeled study is used"
+        )
+    return sorted(rng.sample(pool, keep), key=lambda study: study["image"])
 
 
 class BatchStreams:
@@ -82,9 +128,15 @@ class BatchStreams:
                     "no unlabeled images: the labeled images are used as unlabeled data too"
                 )
                 pool = [{"image": case["image"]} for case in labeled]
-            unlabeled_volumes, unlabeled_patches = cache_volumes(
-                pool, training_transforms(c, labeled=False), c
+            unlabeled_transform = training_transforms(c, labeled=False)
+            budget = cache_budget_bytes(c) - sum(
+                cached_bytes(labeled_volumes[i]) for i in range(len(labeled_volumes))
             )
+            pool = fit_pool(pool, unlabeled_transform, budget, seed=f"{c.seed}:{len(labeled)}")
+            #: The unlabeled studies this run draws from (all of them when they fit the cache).
+            self.unlabeled_pool = pool
+            unlabeled_volumes, unlabeled_patches = cache_volumes(pool, unlabeled_transform, c)
+            self._unlabeled_volumes = unlabeled_volumes
             self._unlabeled = infinite_batches(
                 make_loader(
                     RandomPatches(unlabeled_volumes, range(len(pool)), unlabeled_patches),

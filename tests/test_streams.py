@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cotrain.data import list_msd_cases
 from cotrain.streams import BatchStreams
 from tests.conftest import tiny_config
 
@@ -63,3 +64,39 @@ def test_crop_centres_are_cached_and_every_class_gets_its_share(tmp_path) -> Non
         assert f"label{CLASS_INDICES}" not in patch  # the batch holds images and labels only
         with_lesion += bool((patch["label"] == 2).any())
     assert 30 <= with_lesion <= 75  # about 50 of 200
+
+
+def test_a_cache_budget_bounds_the_unlabeled_pool_and_every_study_gets_used(tmp_path) -> None:
+    """A folder of 40 studies with room for about 10: each run caches at most what fits, the
+    labeled volumes always, and as labels are added the runs draw other studies, so none is
+    left out for good (the CI-sized check of the memory bound)."""
+    from cotrain.data import cache_budget_bytes, cache_volumes, cached_bytes, training_transforms
+    from cotrain.streams import fit_pool
+    from cotrain.synthetic import write_synthetic_msd
+
+    write_synthetic_msd(tmp_path, 44, shape=(16, 16, 16))
+    cases = list_msd_cases(tmp_path)
+    labeled, pool = cases[:4], [{"image": c["image"]} for c in cases[4:]]
+    per_study = 16**3 * 4  # one float32 channel
+    config = tiny_config(method="dct_seg", roi_size=(16, 16, 16))
+    volumes, _ = cache_volumes(labeled, training_transforms(config, labeled=True), config)
+    labeled_size = sum(cached_bytes(v) for v in volumes)
+    # image float32 + label uint8 + crop centres (int64; every voxel below the 10000 cap)
+    assert labeled_size <= 4 * 16**3 * (4 + 1 + 8)
+    budget_gb = (labeled_size + 10.5 * per_study) / 2**30  # the labeled volumes and 10 more
+    config = tiny_config(method="dct_seg", roi_size=(16, 16, 16), cache_gb=budget_gb)
+    streams = BatchStreams(config, labeled, pool, True, torch.device("cpu"))
+    assert len(streams.unlabeled_pool) == 10
+    labeled_bytes = sum(cached_bytes(v) for v in streams.member_patches[0].volumes)
+    unlabeled_bytes = sum(cached_bytes(v) for v in streams._unlabeled_volumes)
+    assert labeled_bytes + unlabeled_bytes <= cache_budget_bytes(config)
+    assert streams.next_batch().unlabeled.shape[0] == config.unlabeled_batch_size
+
+    transform = training_transforms(config, labeled=False)
+    used: set[str] = set()
+    for num_labeled in range(4, 34):  # retrains as labels arrive: another subset each time
+        chosen = fit_pool(pool, transform, 10 * per_study, seed=f"0:{num_labeled}")
+        assert len(chosen) == 10
+        used |= {study["image"] for study in chosen}
+    assert used == {study["image"] for study in pool}
+    assert fit_pool(pool, transform, 100 * per_study, seed="0:4") == pool  # all fit: all used
