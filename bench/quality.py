@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the members on the evaluation cases every N iterations (a multiple of the "
         "iterations per epoch): the Dice-against-iterations curve of each run",
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="train each run in a folder under this one and resume there: a long run stopped "
+        "with its session continues from its last epoch in the next (e.g. bench/work)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument(
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = split_cases(profile, tune=args.tune)
     setting = describe_setting(iterations, len(splits[0]), args.tune)
     plan = plan_runs(profile, args.methods or profile.methods, len(splits[2]), done_runs(rows))
-    runs = run_plan(profile, plan, splits, args.device, args.workers, args.curve_every)
+    runs = run_plan(profile, plan, splits, args.device, args.workers, args.curve_every, args.work)
     for row in tqdm(runs, total=len(plan), desc=f"benchmark {name}", unit="run"):
         tqdm.write(
             f"{row['method']} labeled={row['labeled']} seed={row['seed']}: vote Dice {row['vote_dice']:.4f}, members {row['member_dice']:.4f}, {row['seconds_per_iteration']} s/it"

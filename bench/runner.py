@@ -9,11 +9,15 @@ benchmark that have no row yet, so an interrupted benchmark continues where it s
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -32,12 +36,13 @@ from cotrain.inference import EnsemblePredictor
 logger = logging.getLogger("bench.runner")
 
 __all__ = [
-    "DiceCurve",
     "Run",
+    "RunRecord",
     "append_row",
     "done_runs",
     "plan_runs",
     "read_rows",
+    "run_folder",
     "run_one",
     "run_plan",
 ]
@@ -46,45 +51,70 @@ __all__ = [
 Run: TypeAlias = tuple[str, int, int]
 
 
-class DiceCurve(TrainCallback):
-    """Scores the members' current weights on the evaluation cases every ``every`` iterations.
+class RunRecord(TrainCallback):
+    """What a run leaves besides its model: its training seconds and, with ``curve_every``, its
+    Dice-against-iterations curve; kept in ``progress.json`` of the run's folder after every
+    epoch, so a run resumed in a later session (``--work``) continues both.
 
-    The Dice-against-iterations curve of a run (``--curve-every``): the members and their soft
-    vote as they are at that iteration, on the preprocessed grid
-    (:func:`cotrain.evaluation.validate_ensemble`). It reads no random numbers, so a run with a
-    curve trains exactly as one without.
+    The curve scores the members and their soft vote as they are at that iteration on the
+    evaluation cases, on the preprocessed grid (:func:`cotrain.evaluation.validate_ensemble`).
+    It reads no random numbers, so a run with a curve trains exactly as one without; its time
+    is not training time.
 
     Args:
         trainer: The run's trainer (its ensemble, configuration and device are read).
         cases: ``{"image", "label"}`` cases scored (the run's test or tuning cases).
-        every: Iterations between two points; a multiple of the iterations per epoch.
+        curve_every: Iterations between two points (a multiple of the iterations per epoch;
+            0: no curve).
+        path: The ``progress.json`` to keep (read back when it exists), or ``None``.
     """
 
-    def __init__(self, trainer: Trainer, cases: list[dict[str, str]], every: int) -> None:
+    def __init__(
+        self,
+        trainer: Trainer,
+        cases: list[dict[str, str]],
+        curve_every: int,
+        path: Path | None = None,
+    ) -> None:
         self.trainer = trainer
         self.cases = cases
-        self.every = every
-        self.points: list[dict[str, Any]] = []
-        #: Seconds spent scoring (left out of the run's training time).
-        self.seconds = 0.0
+        self.every = curve_every
+        self.path = path
+        saved = json.loads(path.read_text()) if path is not None and path.exists() else {}
+        self.points: list[dict[str, Any]] = saved.get("dice_curve", [])
+        #: Training seconds of this run so far, earlier sessions included.
+        self.train_seconds: float = saved.get("train_seconds", 0.0)
+        self._last = time.monotonic()
+
+    def on_train_start(self, state: TrainState) -> None:
+        self._last = time.monotonic()
 
     def on_epoch_end(self, state: TrainState) -> None:
+        self.train_seconds += time.monotonic() - self._last
         iteration = state.epoch * state.iterations_per_epoch
-        if iteration % self.every and state.epoch != state.total_epochs:
-            return
-        start = time.monotonic()
-        t = self.trainer
-        metrics = validate_ensemble(t.ensemble, self.cases, t.config, t.device, t.use_amp)
-        self.points.append(
-            {
-                "iteration": iteration,
-                "vote_dice": round(metrics["vote_dice"], 5),
-                "member_dice": [round(d, 5) for d in metrics["member_dice"]],
-                "disagreement": round(metrics["disagreement"], 6),
-            }
-        )
-        self.seconds += time.monotonic() - start
-        logger.info("iteration %d: vote Dice %.4f", iteration, metrics["vote_dice"])
+        if self.every and (iteration % self.every == 0 or state.epoch == state.total_epochs):
+            t = self.trainer
+            metrics = validate_ensemble(t.ensemble, self.cases, t.config, t.device, t.use_amp)
+            self.points.append(
+                {
+                    "iteration": iteration,
+                    "vote_dice": round(metrics["vote_dice"], 5),
+                    "member_dice": [round(d, 5) for d in metrics["member_dice"]],
+                    "disagreement": round(metrics["disagreement"], 6),
+                }
+            )
+            logger.info("iteration %d: vote Dice %.4f", iteration, metrics["vote_dice"])
+        if self.path is not None:
+            progress = {"train_seconds": self.train_seconds, "dice_curve": self.points}
+            self.path.write_text(json.dumps(progress))
+        self._last = time.monotonic()
+
+
+def run_folder(work: Path, spec: str, num_labeled: int, seed: int) -> Path:
+    """The folder of one run under ``work``: a readable prefix and a digest of the spec."""
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", spec.split(":")[0])
+    return work / f"{name}-{digest}-l{num_labeled}-s{seed}"
 
 
 def run_one(
@@ -95,6 +125,7 @@ def run_one(
     splits: Splits,
     device: str | None,
     curve_every: int = 0,
+    work: Path | None = None,
 ) -> dict[str, Any]:
     """Train one method on one split and evaluate it on the test cases.
 
@@ -110,7 +141,10 @@ def run_one(
         splits: Test, validation and training cases (:func:`profiles.split_cases`).
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
         curve_every: Score the members on the test cases every this many iterations
-            (:class:`DiceCurve`; 0: only the final model). Its time is not training time.
+            (:class:`RunRecord`; 0: only the final model). Its time is not training time.
+        work: Train in a folder of this one (:func:`run_folder`) and resume what a stopped
+            session left there (checkpoint, seconds, curve); the folder is removed once the
+            row exists. ``None``: a temporary folder, so an interrupted run starts again.
 
     Returns:
         The run's row: its spec, label count and seed, the soft vote's Dice and HD95 and the
@@ -130,16 +164,29 @@ def run_one(
     config = train_config(profile, method, params, seed)
     iterations = config.epochs * config.iterations_per_epoch
     logger.info("training %s, %d labeled, seed %d", spec, len(labeled), seed)
-    with tempfile.TemporaryDirectory() as output:
-        trainer = Trainer(config, labeled, unlabeled, output, validation=validation, device=device)
-        curve = DiceCurve(trainer, test, curve_every) if curve_every else None
-        if curve:
-            trainer.callbacks.append(curve)
-        start = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            output = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            output = run_folder(work, spec, len(labeled), seed)
+            output.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(
+            config,
+            labeled,
+            unlabeled,
+            output,
+            validation=validation,
+            device=device,
+            resume=work is not None,
+        )
+        record = RunRecord(trainer, test, curve_every, output / "progress.json" if work else None)
+        trainer.callbacks.append(record)
         state = trainer.fit()
-        train_seconds = time.monotonic() - start - (curve.seconds if curve else 0.0)
-        predictor = EnsemblePredictor.load(Path(output) / MODEL_FILE, device=device)
+        train_seconds = record.train_seconds
+        predictor = EnsemblePredictor.load(output / MODEL_FILE, device=device)
         evaluation = evaluate_predictor(predictor, test)
+    if work is not None:
+        shutil.rmtree(output, ignore_errors=True)  # the row below is the run's record
     vote = evaluation["vote"]
     return {
         "method": spec,
@@ -161,7 +208,7 @@ def run_one(
             }
             for entry in state.history
         ],
-        **({"dice_curve": curve.points} if curve else {}),
+        **({"dice_curve": record.points} if curve_every else {}),
     }
 
 
@@ -181,6 +228,7 @@ def run_plan(
     device: str | None,
     workers: int = 1,
     curve_every: int = 0,
+    work: Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Train the planned runs, ``workers`` at a time, and yield each result as its run ends.
 
@@ -191,14 +239,14 @@ def run_plan(
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when present).
         workers: Runs trained at the same time, each in its own process with
             ``cpu_count // workers`` threads (sharing the GPU when there is one).
-        curve_every: See :func:`run_one`.
+        curve_every, work: See :func:`run_one`.
 
     Yields:
         Each run's row (:func:`run_one`), in the order the runs end.
     """
     if workers <= 1:
         for method, count, seed in plan:
-            yield run_one(profile, method, count, seed, splits, device, curve_every)
+            yield run_one(profile, method, count, seed, splits, device, curve_every, work)
         return
     pool = ProcessPoolExecutor(
         workers,
@@ -208,7 +256,7 @@ def run_plan(
     )
     try:
         futures = [
-            pool.submit(run_one, profile, method, count, seed, splits, device, curve_every)
+            pool.submit(run_one, profile, method, count, seed, splits, device, curve_every, work)
             for method, count, seed in plan
         ]
         for future in as_completed(futures):
