@@ -202,6 +202,24 @@ class TrainQueue:
                 break
 
 
+def test_submits_before_a_started_run_reads_the_labels_are_coalesced() -> None:
+    """Two labels submitted in a row: the run that the first started has not read the labels
+    yet when the second arrives (its process is still starting), so one run covers both; once
+    it reads them, a new label needs a follow-up run."""
+    queue = TrainQueue()
+    reading: dict[str, bool] = {"dct_seg": False}
+    scheduler = TrainScheduler(
+        submit=queue.submit, list_tasks=queue.list_tasks, reading_labels=reading.__getitem__
+    )
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": STARTED}
+    queue.step()  # RUNNING: the subprocess starts
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": COALESCED}
+    assert len(queue.tasks) == 1
+    reading["dct_seg"] = True  # it has begun reading the labels
+    assert scheduler.request(["dct_seg"]) == {"dct_seg": QUEUED}
+    assert [t["status"] for t in queue.tasks] == ["RUNNING", "SUBMITTED"]
+
+
 def test_scheduler_runs_one_and_keeps_at_most_one_pending() -> None:
     queue = TrainQueue()
     scheduler = TrainScheduler(submit=queue.submit, list_tasks=queue.list_tasks)

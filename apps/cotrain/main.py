@@ -112,8 +112,19 @@ class CoTrainApp(MONAILabelApp):
             version=monailabel.__version__,
         )
         self.scheduler = TrainScheduler(
-            submit=lambda model: self.async_training(model, enqueue=True)
+            submit=lambda model: self.async_training(model, enqueue=True),
+            reading_labels=self._reading_labels,
         )
+
+    def _reading_labels(self, model: str) -> bool:
+        """Whether the running training of ``model`` has begun reading the labels: its train
+        stats are this run's (``RUNNING``, process alive) and carry ``reading_labels_ts``. A
+        subprocess that has not yet written its stats has not read anything."""
+        trainer = self._trainers.get(model)
+        if trainer is None:
+            return True
+        stats = trainer.stats()
+        return stats.get("status") == "RUNNING" and "reading_labels_ts" in stats
 
     def info(self) -> dict[str, Any]:
         """MONAI Label's ``/info``, each model's entry with its ``plan``: the ``roi_size``,

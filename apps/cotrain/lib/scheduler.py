@@ -2,9 +2,11 @@
 
 MONAI Label runs train tasks one at a time: ``AsyncTask.run("train", enqueue=True)`` puts a
 task (status ``SUBMITTED``) in a single-worker queue; the worker turns it ``RUNNING`` when it
-starts its subprocess, which reads the datastore then. So a label saved while a task of the
-model is still ``SUBMITTED`` will be seen by that task, and a second pending task would add
-nothing: the request is *coalesced*. Otherwise (nothing queued; a run may be going on) one task
+starts its subprocess, which reads the datastore a few seconds later (once it has started
+and reported ``reading_labels_ts`` in its train stats). So a label saved while a task of the
+model is still ``SUBMITTED``, or ``RUNNING`` but not yet reading labels, will be seen by that
+task, and another task would add nothing: the request is *coalesced* (a radiologist who submits
+two labels in a row gets one retrain, not two). Otherwise (nothing queued; a run may be going on) one task
 is queued, which trains on everything submitted up to its start. No label is missed, and
 bursts of submits cost one follow-up run, not one run each.
 """
@@ -47,15 +49,20 @@ class TrainScheduler:
         list_tasks: Returns the known train tasks as MONAI Label reports them: dicts with
             ``status`` (``SUBMITTED``, ``RUNNING``, ``DONE``, ``ERROR``, ``STOPPED``) and
             ``request`` (with ``model``).
+        reading_labels: Whether the running training of a model has begun reading the labels
+            (from its train stats); while it has not, it will see a label saved now. Always
+            ``True`` by default (a running training never covers a new label).
     """
 
     def __init__(
         self,
         submit: Callable[[str], Any],
         list_tasks: Callable[[], list[dict[str, Any]]] = monailabel_train_tasks,
+        reading_labels: Callable[[str], bool] = lambda model: True,
     ) -> None:
         self._submit = submit
         self._list_tasks = list_tasks
+        self._reading_labels = reading_labels
         self._lock = threading.Lock()
 
     def status(self, model: str) -> tuple[bool, bool]:
@@ -77,8 +84,8 @@ class TrainScheduler:
         outcome: dict[str, str] = {}
         with self._lock:
             for model in models:
-                _, pending = self.status(model)
-                if pending:
+                running, pending = self.status(model)
+                if pending or (running and not self._reading_labels(model)):
                     outcome[model] = COALESCED
                     continue
                 busy = any(t.get("status") in ("RUNNING", "SUBMITTED") for t in self._list_tasks())

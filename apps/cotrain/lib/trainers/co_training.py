@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,10 @@ class CoTrainTask(TrainTask):
         Raises:
             MONAILabelException: If no usable final label is left.
         """
+        # Said before reading: a label saved after this may be missed by this run, so the
+        # scheduler queues a follow-up run for it (see lib/scheduler.py).
+        writer.info["reading_labels_ts"] = time.time()
+        writer.write(None)
         labeled = sorted(datastore.datalist(), key=lambda c: c["image"])
         labeled_images = {c["image"] for c in labeled}
         unlabeled = [
