@@ -138,16 +138,23 @@ def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tens
     Background is ``1 - sum(foreground)``, so the argmax equals that of all the class
     probabilities. Resampling is linear (its weights sum to 1), so this holds after the
     preprocessing is inverted too: that is why only the foreground channels are inverted.
+    A running maximum over the classes (ties go to the lower class, as with ``argmax``), which
+    on a CPU is several times faster than ``argmax`` over the class dimension of a CT.
 
     Args:
         foreground: Probabilities of the foreground classes, along ``dim``.
         dim: The class dimension.
 
     Returns:
-        Class indices (0 background), ``dim`` removed.
+        Class indices (0 background), ``dim`` removed, uint8.
     """
-    background = 1.0 - foreground.sum(dim=dim, keepdim=True)
-    return torch.cat([background, foreground], dim=dim).argmax(dim=dim)
+    best = 1.0 - foreground.sum(dim=dim)
+    labels = torch.zeros(best.shape, dtype=torch.uint8)
+    for c, probability in enumerate(foreground.unbind(dim), start=1):
+        better = probability > best
+        labels[better] = c
+        best = torch.where(better, probability, best)
+    return labels
 
 
 class EnsemblePredictor:
@@ -252,7 +259,7 @@ class EnsemblePredictor:
             channels.append(torch.softmax(logits[:, 0], dim=1)[:, 1:].flatten(0, 1))
         restored = self._to_image_grid(torch.cat(channels), image)
         foreground = num_classes - 1
-        label = labels_from_foreground(restored[:foreground]).numpy().astype(np.uint8)
+        label = labels_from_foreground(restored[:foreground]).numpy()
         uncertainty_map = None
         if uncertainty:
             uncertainty_map = restored[foreground].numpy().astype(np.float32)
@@ -260,7 +267,6 @@ class EnsemblePredictor:
         if members:
             member_foreground = restored[-k * foreground :].reshape(k, foreground, *label.shape)
             member_labels = labels_from_foreground(member_foreground, dim=1).numpy()
-            member_labels = member_labels.astype(np.uint8)
         reference = nib.load(str(image_path))
         expected = tuple(reference.shape[: self.config.spatial_dims])
         if label.shape != expected:
