@@ -24,6 +24,16 @@
 #      (`cotrain export-bundle`, then the bundle run by MONAI's own `monai.bundle run`);
 #   5. `bench/speed.py --device cuda --no-server` with few steps and repeats, in the time left.
 #
+# Before the device call, fetch the wheels the GPU machine lacks (small; .whl/ is ignored by
+# git and travels with `carry`):
+#
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       monai==1.5.2 nibabel==5.4.2 pytorch-ignite==0.4.11
+#
+# then run it with the device tool: command `bash bench/gpu_check.sh`, carry [".whl"],
+# timeout_s about 400, and commit $OUT's files under bench/results/ with the device named.
+#
 # GPU_CHECK_BUDGET (seconds, default 330) bounds the whole script: a step gets at most the
 # time left, and is skipped when less than 15 s is left.
 set -euo pipefail
