@@ -283,7 +283,6 @@ class Trainer:
         start = time.monotonic()
         first_epoch, streams = self.setup()
         self._emit("on_train_start")
-        self._emit("on_train_start")
         loop_start = time.monotonic() - start  # data caching done: epochs are timed from here
         epoch = first_epoch
         while epoch < self.config.epochs:

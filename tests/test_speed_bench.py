@@ -24,7 +24,8 @@ def test_speed_benchmark_quick_writes_every_method_and_member_count(tmp_path: Pa
         cwd=ROOT,
         env=env,
         capture_output=True,
-        text=True,
+        encoding="utf-8",  # the machine's locale may be ASCII (CI)
+        errors="replace",
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-4000:]
