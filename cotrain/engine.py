@@ -255,17 +255,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         first_epoch = self._restore()
         self._max_epochs = c.epochs
-        resumed_length = (self.state.total_epochs, self.state.iterations_per_epoch)
-        if (
-            c.time_budget_minutes
-            and first_epoch
-            and resumed_length
-            != (
-                c.epochs,
-                c.iterations_per_epoch,
-            )
-        ):  # resumed: continue the length its time budget planned
-            self._set_length(*resumed_length)
+        if c.time_budget_minutes and first_epoch:  # resumed: the length its budget planned
+            self._set_length(self.state.total_epochs, self.state.iterations_per_epoch)
         return first_epoch, self.build_streams()
 
     def fit(self) -> TrainState:
@@ -406,15 +397,11 @@ class Trainer:
             epochs = self.state.epoch + int(left / seconds)
         epochs = max(self.state.epoch, 1, min(self._max_epochs, epochs))
         # Every process trains as long as the main one planned (it alone validates).
-        epochs, iterations_per_epoch = agree_with_main_process(
-            [epochs, iterations_per_epoch], self.device
-        )
-        if (epochs, iterations_per_epoch) != (c.epochs, c.iterations_per_epoch):
-            self._set_length(epochs, iterations_per_epoch)
+        self._set_length(*agree_with_main_process([epochs, iterations_per_epoch], self.device))
 
     def _set_length(self, epochs: int, iterations_per_epoch: int) -> None:
-        """Change the run's planned length (the state, the configuration it publishes with,
-        and the learning-rate schedule's end)."""
+        """Set the run's planned length (the state, the configuration it publishes with, and
+        the learning-rate schedule's end); logged when it changes."""
         if (epochs, iterations_per_epoch) != (self.config.epochs, self.config.iterations_per_epoch):
             logger.info(
                 "time budget %.1f min: training %d epochs x %d iterations (planned %d x %d)",
@@ -492,7 +479,6 @@ class Trainer:
             # Then what the served model's run left of the method's own state (a critic, EMA
             # teachers), when it was trained by the same method: the retrain continues it.
             self.state.continued = continue_method(payload, self.method, self.config.method)
-            self.method.to(self.device)
             self.lr_scheduler = self.build_lr_scheduler(self.optimizer, warm_started=True)
         return 0
 
