@@ -91,7 +91,12 @@ from cotrain.inference import EnsemblePredictor, member_logits_sliding_window
 from cotrain.methods import METHOD_CLASSES, Batch
 from cotrain.networks import Ensemble
 from cotrain.streams import BatchStreams
-from cotrain.synthetic import make_synthetic_case, write_synthetic_msd
+from cotrain.synthetic import (
+    CT_ORGANS,
+    make_synthetic_case,
+    write_synthetic_ct,
+    write_synthetic_msd,
+)
 
 logger = logging.getLogger("bench.speed")
 
@@ -183,12 +188,6 @@ QUICK = Sizes(
     members=(1, 2),
     server_calls=2,
 )
-#: CT "organs": label value -> (name, HU, centre and radii as fractions of the field of view).
-CT_ORGANS: dict[int, tuple[str, int, tuple[float, ...], tuple[float, ...]]] = {
-    1: ("liver", 60, (0.36, 0.45, 0.5), (0.16, 0.13, 0.3)),
-    2: ("kidney", 30, (0.64, 0.6, 0.5), (0.05, 0.06, 0.15)),
-    3: ("spine", 700, (0.5, 0.72, 0.5), (0.04, 0.05, 0.6)),
-}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -583,47 +582,6 @@ def memory_of_methods(
 
 
 # ------------------------------------------------------------------------------------ inference
-def write_ct_volume(
-    image_path: Path,
-    label_path: Path,
-    shape: Sequence[int],
-    spacing: Sequence[float],
-    seed: int = 0,
-) -> dict[str, int]:
-    """Write a CT-like int16 volume (air, a body, a few "organs", noise) and its label.
-
-    Returns:
-        Voxels of each organ, by name.
-    """
-    rng = np.random.default_rng(seed)
-    # Coordinates as fractions of the field of view, so that smaller volumes hold the same organs.
-    x, y, z = np.ix_(*[(np.arange(n, dtype=np.float32) + 0.5) / n for n in shape])
-
-    def ellipsoid(centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
-        return (
-            ((x - centre[0]) / radii[0]) ** 2
-            + ((y - centre[1]) / radii[1]) ** 2
-            + ((z - centre[2]) / radii[2]) ** 2
-        ) <= 1.0
-
-    # An elliptic cylinder along z (the "& z" only broadcasts it to the volume's shape).
-    body = (((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.32) ** 2 <= 1.0) & (z >= 0)
-    image = np.full(shape, -1000.0, dtype=np.float32)
-    image[body] = 40.0
-    label = np.zeros(shape, dtype=np.uint8)
-    counts = {}
-    for value, (name, hu, centre, radii) in CT_ORGANS.items():
-        organ = ellipsoid(centre, radii) & body
-        image[organ] = hu
-        label[organ] = value
-        counts[name] = int(organ.sum())
-    image += rng.standard_normal(size=image.shape, dtype=np.float32) * 15.0 * body
-    affine = np.diag([*map(float, spacing), 1.0])
-    nib.save(nib.Nifti1Image(np.clip(image, -1024, 3071).astype(np.int16), affine), str(image_path))
-    nib.save(nib.Nifti1Image(label, affine), str(label_path))
-    return counts
-
-
 def inference_volumes(
     sizes: Sizes, work: Path
 ) -> list[tuple[str, Path, TrainConfig, dict[str, Any]]]:
@@ -653,7 +611,7 @@ def inference_volumes(
 
     ct_path, ct_label = work / "ct.nii.gz", work / "ct_label.nii.gz"
     start = time.monotonic()
-    organs = write_ct_volume(ct_path, ct_label, sizes.ct_shape, sizes.ct_spacing)
+    organs = write_synthetic_ct(ct_path, ct_label, sizes.ct_shape, sizes.ct_spacing)
     logger.info("wrote the CT-sized volume in %.1f s", time.monotonic() - start)
     ct_config = TrainConfig(
         method="supervised",

@@ -3,6 +3,8 @@
 Each case is a smooth, noisy MR-like volume holding one ellipsoidal "organ" at a random
 position, size and orientation. With ``num_classes=3`` the organ is split along its long
 axis into an anterior (1) and a posterior (2) part, like the hippocampus data set.
+:func:`write_synthetic_ct` writes a CT-like int16 volume (Hounsfield units: air, a body, a
+liver, a kidney and a spine) for the speed and scale benchmarks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["make_synthetic_case", "write_synthetic_msd"]
+__all__ = ["CT_ORGANS", "make_synthetic_case", "write_synthetic_ct", "write_synthetic_msd"]
 
 
 def make_synthetic_case(
@@ -104,3 +106,66 @@ def write_synthetic_msd(
         names.append(name)
     logger.info("wrote %d synthetic cases to %s", num_cases, root)
     return names
+
+
+#: CT "organs": label value -> (name, HU, centre and radii as fractions of the field of view).
+CT_ORGANS: dict[int, tuple[str, int, tuple[float, ...], tuple[float, ...]]] = {
+    1: ("liver", 60, (0.36, 0.45, 0.5), (0.16, 0.13, 0.3)),
+    2: ("kidney", 30, (0.64, 0.6, 0.5), (0.05, 0.06, 0.15)),
+    3: ("spine", 700, (0.5, 0.72, 0.5), (0.04, 0.05, 0.6)),
+}
+
+
+def write_synthetic_ct(
+    image_path: str | Path,
+    label_path: str | Path,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    seed: int = 0,
+    jitter: float = 0.0,
+) -> dict[str, int]:
+    """Write a CT-like int16 volume (air, a body, the :data:`CT_ORGANS`, noise) and its label.
+
+    Args:
+        image_path: Where the image goes (NIfTI).
+        label_path: Where its label goes (values as in :data:`CT_ORGANS`).
+        shape: Spatial shape (3 values).
+        spacing: Voxel size in mm.
+        seed: Seed of the noise and the jitter.
+        jitter: Each organ's centre moves by up to this fraction of the field of view and
+            its radii scale by up to this fraction, so that a folder of studies differs (0:
+            the same anatomy in every study).
+
+    Returns:
+        Voxels of each organ, by name.
+    """
+    rng = np.random.default_rng(seed)
+    # Coordinates as fractions of the field of view, so that smaller volumes hold the same organs.
+    x, y, z = np.ix_(*[(np.arange(n, dtype=np.float32) + 0.5) / n for n in shape])
+
+    def ellipsoid(centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+        return (
+            ((x - centre[0]) / radii[0]) ** 2
+            + ((y - centre[1]) / radii[1]) ** 2
+            + ((z - centre[2]) / radii[2]) ** 2
+        ) <= 1.0
+
+    # An elliptic cylinder along z (the "& z" only broadcasts it to the volume's shape).
+    body = (((x - 0.5) / 0.42) ** 2 + ((y - 0.5) / 0.32) ** 2 <= 1.0) & (z >= 0)
+    image = np.full(shape, -1000.0, dtype=np.float32)
+    image[body] = 40.0
+    label = np.zeros(shape, dtype=np.uint8)
+    counts = {}
+    for value, (name, hu, centre, radii) in CT_ORGANS.items():
+        if jitter:
+            centre = tuple(c + rng.uniform(-jitter, jitter) for c in centre)
+            radii = tuple(r * (1.0 + rng.uniform(-jitter, jitter)) for r in radii)
+        organ = ellipsoid(centre, radii) & body
+        image[organ] = hu
+        label[organ] = value
+        counts[name] = int(organ.sum())
+    image += rng.standard_normal(size=image.shape, dtype=np.float32) * 15.0 * body
+    affine = np.diag([*map(float, spacing), 1.0])
+    nib.save(nib.Nifti1Image(np.clip(image, -1024, 3071).astype(np.int16), affine), str(image_path))
+    nib.save(nib.Nifti1Image(label, affine), str(label_path))
+    return counts

@@ -136,6 +136,9 @@ def test_app_end_to_end(tmp_path: Path) -> None:
             lambda: _scores(client, unlabeled, first_model["mtime_ns"]), 240, "scores", 3
         )
         most_uncertain = max(unlabeled, key=lambda i: scores[i])
+        scoring = client.info()["models"]["dct_seg"]["scoring"]
+        assert scoring["scored_with_current_model"] == scoring["unlabeled"] == 3, scoring
+        assert scoring["never_scored"] == 0 and scoring["budget_minutes"] > 0
 
         # next_sample: the most uncertain unlabeled image; not the same one for another client.
         sample = client.next_sample("disagreement", {"client_id": "annotator-a"})

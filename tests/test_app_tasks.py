@@ -4,6 +4,7 @@ alone, and disagreement scores."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.app_helpers import SHARED_DATA, use_app_lib
 use_app_lib()
 
 from lib.infers import EnsembleInfer  # noqa: E402
-from lib.scoring import EnsembleDisagreement  # noqa: E402
+from lib.scoring import EnsembleDisagreement, last_run, scoring_status  # noqa: E402
 from lib.trainers import CoTrainTask  # noqa: E402
 
 HIPPOCAMPUS = SHARED_DATA / "hippocampus"
@@ -152,13 +153,63 @@ def test_scoring_stores_disagreement_once_per_model(served: Served) -> None:
     if not served.model_path.exists():
         served.task({}, served.datastore)
     scoring = EnsembleDisagreement("dct_seg", str(served.model_path))
-    assert scoring({}, served.datastore) == {"scored": 2, "skipped": 0, "invalid": 0}
+    done = {"scored": 2, "skipped": 0, "invalid": 0, "deferred": 0}
+    assert scoring({}, served.datastore) == done
     for image in ("case_003", "case_004"):
         entry = served.datastore.get_image_info(image)["disagreement_dct_seg"]
         assert entry["score"] >= 0.0
         assert entry["model_ts"] == served.model_path.stat().st_mtime_ns
     assert "disagreement_dct_seg" not in served.datastore.get_image_info("case_000")
-    assert scoring({}, served.datastore) == {"scored": 0, "skipped": 2, "invalid": 0}
+    assert scoring({}, served.datastore) == {"scored": 0, "skipped": 2, "invalid": 0, "deferred": 0}
+
+
+def test_scoring_within_budget_scores_new_studies_first_then_oldest(
+    served: Served, tmp_path: Path
+) -> None:
+    """A budget too small for more than one study: each run scores one, never-scored studies
+    first (id order), then, after a new model, the oldest score first; ``scoring_status``
+    (``/info``) counts them."""
+    if not served.model_path.exists():
+        served.task({}, served.datastore)
+    write_demo_studies(tmp_path / "studies", num_images=4, num_labeled=1, shape=(20, 20, 20))
+    datastore = LocalDatastore(str(tmp_path / "studies"), auto_reload=False)
+    model = tmp_path / "dct_seg.pt"
+    shutil.copy(served.model_path, model)
+    record = tmp_path / "scoring.json"
+    scoring = EnsembleDisagreement("dct_seg", str(model), 1e-9, record_path=str(record))
+    key = "disagreement_dct_seg"
+    assert scoring_status(datastore, key, str(model)) == {
+        "unlabeled": 3,
+        "scored_with_current_model": 0,
+        "scored_with_older_model": 0,
+        "never_scored": 3,
+    }
+
+    order = []
+    for _ in range(3):
+        before = {i: datastore.get_image_info(i).get(key) for i in datastore.get_unlabeled_images()}
+        assert scoring({}, datastore)["scored"] == 1
+        order += [i for i, e in before.items() if datastore.get_image_info(i).get(key) != e]
+    assert order == ["case_001", "case_002", "case_003"]
+    assert scoring({}, datastore) == {"scored": 0, "skipped": 3, "invalid": 0, "deferred": 0}
+
+    # A new model: every score is stale; the oldest is redone first.
+    for image, ts in (("case_001", 300), ("case_002", 100), ("case_003", 200)):
+        entry = dict(datastore.get_image_info(image)[key], ts=ts)
+        datastore.update_image_info(image, {key: entry})
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    status = scoring_status(datastore, key, str(model))
+    assert status["scored_with_older_model"] == 3 and status["scored_with_current_model"] == 0
+    assert scoring({}, datastore) == {"scored": 1, "skipped": 0, "invalid": 0, "deferred": 2}
+    current = model.stat().st_mtime_ns
+    recorded = last_run(str(record))
+    assert recorded["model_ts"] == current and recorded["deferred"] == 2
+    assert recorded["seconds"] >= 0
+    assert datastore.get_image_info("case_002")[key]["model_ts"] == current
+    assert datastore.get_image_info("case_003")[key]["model_ts"] != current
+    # A request's budget overrides the configured one (0: no bound).
+    assert scoring({"budget_minutes": 0}, datastore)["scored"] == 2
+    assert scoring_status(datastore, key, str(model))["scored_with_current_model"] == 3
 
 
 def test_scoring_without_model(tmp_path: Path) -> None:

@@ -439,3 +439,17 @@ def test_retrain_budget_follows_the_device_the_setting_and_the_request(tmp_path:
     assert (config.time_budget_minutes, config.epochs) == (2.5, 3)
     with pytest.raises(ValueError, match="retrain_minutes must be >= 0"):
         parse_model_settings({"retrain_minutes": "-1"}, "dct_seg", DCTSegModel.method)
+
+
+def test_scoring_budget_is_a_share_of_the_retrain_budget_unless_set() -> None:
+    """One scoring run gets a quarter of the device's default retrain budget; --conf
+    score_minutes sets it (0: no bound); a negative value is refused at start-up."""
+    from lib.settings import DEFAULT_BUDGET_MINUTES
+
+    defaults = parse_model_settings({}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
+    for device, (retrain, _) in DEFAULT_BUDGET_MINUTES.items():
+        assert 0 < defaults.scoring_minutes(device) < retrain
+    set_ = parse_model_settings({"score_minutes": "0"}, "dct_seg", DCTSegModel.method)
+    assert set_.scoring_minutes("cpu") == 0.0
+    with pytest.raises(ValueError, match="score_minutes must be >= 0"):
+        parse_model_settings({"score_minutes": "-2"}, "dct_seg", DCTSegModel.method)

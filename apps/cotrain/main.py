@@ -129,11 +129,15 @@ class CoTrainApp(MONAILabelApp):
     def info(self) -> dict[str, Any]:
         """MONAI Label's ``/info``, each model's entry with its ``plan``: the ``roi_size``,
         ``target_spacing`` and ``intensity`` in effect, which were planned from the studies
-        and why (:meth:`CoTrainTaskConfig.plan_info`)."""
+        and why (:meth:`CoTrainTaskConfig.plan_info`); and its ``scoring``: how many
+        unlabeled studies are scored with the served model
+        (:meth:`CoTrainTaskConfig.scoring_info`)."""
         meta = super().info()
+        datastore = self.datastore()
         for name, entry in meta.get("models", {}).items():
             if name in self.models and isinstance(entry, dict):
                 entry["plan"] = self.models[name].plan_info()
+                entry["scoring"] = self.models[name].scoring_info(datastore)
         return meta
 
     def label_values(self) -> dict[str, int]:
@@ -255,14 +259,32 @@ class CoTrainApp(MONAILabelApp):
     def async_scoring(self, method: str | None, params: dict[str, Any] | None = None) -> Any:
         """Run scoring methods in the background.
 
-        In the server this is MONAI Label's own (queued). Outside it, i.e. in a train
-        subprocess right after a model was published, MONAI Label would call
-        ``POST /scoring/METHOD``, which the server refuses while any scoring runs, and the
-        new model's scores would be lost; ``POST /scoring/`` queues every method instead.
+        In the server this is MONAI Label's own (queued), except that a request for every
+        method (MONAI Label's after each next-sample, at start-up and after a training) starts
+        no subprocess while every unlabeled study is scored with the served model: each would
+        cost the imports of a Python process and find nothing to do. Outside the server, i.e. in
+        a train subprocess right after a model was published, MONAI Label would call
+        ``POST /scoring/METHOD``, which the server refuses while any scoring runs, and the new
+        model's scores would be lost; ``POST /scoring/`` queues every method instead.
         """
         if self._server_mode or not self._scoring_methods:
+            if self._server_mode and method is None and not self._scoring_pending():
+                logger.debug("scoring: every unlabeled study is scored with the served models")
+                return {}
             return super().async_scoring(method, params)
         return self._local_request("/scoring/", params, "Scoring")
+
+    def _scoring_pending(self) -> bool:
+        """Whether a published model has an unlabeled study not yet scored with it."""
+        datastore = self.datastore()
+        for config in self.models.values():
+            status = config.scoring_info(datastore)
+            if (
+                os.path.exists(config.path)
+                and status["unlabeled"] > status["scored_with_current_model"]
+            ):
+                return True
+        return False
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """Run an infer task; a requested uncertainty map goes into the datastore.

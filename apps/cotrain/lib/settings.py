@@ -6,8 +6,8 @@ settings, with one parser per kind of value.
 ``target_spacing``, ``intensity``, ``epochs``, ``iterations_per_epoch``, ``batch_size``,
 ``learning_rate``, ``network``, ``method_params``, ...; a former name such as ``views`` for
 ``members`` still works), plus the app's own settings ``auto_train``, ``min_labels``,
-``val_split``, ``val_min_labels``, ``processes``, ``retrain_minutes``, ``first_train_minutes``
-and the test hook ``test_fault_injection``
+``val_split``, ``val_min_labels``, ``processes``, ``retrain_minutes``, ``first_train_minutes``,
+``score_minutes`` and the test hook ``test_fault_injection``
 (see :mod:`lib.trainers.fault_injection`; never on a real server). A key prefixed with a model
 name (``dct_seg.epochs``) applies to that model only and wins over the plain key.
 
@@ -135,6 +135,12 @@ def _parser_for(field: dataclasses.Field) -> Callable[[str], Any]:
 #: change them; a run also stops at its configured epochs.
 DEFAULT_BUDGET_MINUTES: dict[str, tuple[float, float]] = {"cpu": (8.0, 15.0), "cuda": (15.0, 30.0)}
 
+#: Default wall-time bound of one scoring run (minutes), as a fraction of the device's default
+#: retrain budget: scoring after a publish shares the machine with the next retrain, so it gets
+#: a quarter of the cycle (2 minutes on CPU, where one study of 200 MB takes seconds; 3.75 on a
+#: GPU). What it leaves is scored by the next run, oldest scores first.
+DEFAULT_SCORE_FRACTION = 0.25
+
 
 @dataclass
 class ModelSettings:
@@ -151,6 +157,8 @@ class ModelSettings:
         retrain_minutes: Wall-time bound of a retrain that warm-starts from the served model
             (``None``: :data:`DEFAULT_BUDGET_MINUTES` of the training device; 0: no bound).
         first_train_minutes: The same for a training with no served model to start from.
+        score_minutes: Wall-time bound of one scoring run (``None``: a quarter of the default
+            retrain budget of the scoring device; 0: no bound).
         test_fault_injection: TEST HOOK: train requests may ask for a failure
             (:mod:`lib.trainers.fault_injection`).
     """
@@ -163,6 +171,7 @@ class ModelSettings:
     processes: int = 0
     retrain_minutes: float | None = None
     first_train_minutes: float | None = None
+    score_minutes: float | None = None
     test_fault_injection: bool = False
 
     def budget_minutes(self, device_type: str, warm_start: bool) -> float:
@@ -177,6 +186,18 @@ class ModelSettings:
             return setting
         retrain, first = DEFAULT_BUDGET_MINUTES["cuda" if device_type == "cuda" else "cpu"]
         return retrain if warm_start else first
+
+    def scoring_minutes(self, device_type: str) -> float:
+        """One scoring run's time budget (minutes; 0: none): the setting, else
+        :data:`DEFAULT_SCORE_FRACTION` of the device's default retrain budget.
+
+        Args:
+            device_type: ``"cuda"`` or ``"cpu"``.
+        """
+        if self.score_minutes is not None:
+            return self.score_minutes
+        retrain, _ = DEFAULT_BUDGET_MINUTES["cuda" if device_type == "cuda" else "cpu"]
+        return DEFAULT_SCORE_FRACTION * retrain
 
 
 def conf_value(conf: Mapping[str, str], name: str, key: str) -> str | None:
@@ -273,6 +294,7 @@ def parse_model_settings(
         ("processes", int),
         ("retrain_minutes", float),
         ("first_train_minutes", float),
+        ("score_minutes", float),
         ("test_fault_injection", parse_bool),
     ):
         raw = conf_value(conf, name, key)
@@ -286,7 +308,7 @@ def parse_model_settings(
         raise ValueError(f"--conf min_labels must be >= 1, got {settings.min_labels}")
     if settings.processes < 0:
         raise ValueError(f"--conf processes must be >= 0, got {settings.processes}")
-    for key in ("retrain_minutes", "first_train_minutes"):
+    for key in ("retrain_minutes", "first_train_minutes", "score_minutes"):
         if (getattr(settings, key) or 0) < 0:
             raise ValueError(
                 f"--conf {key} must be >= 0 (0: no bound), got {getattr(settings, key)}"

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -35,7 +37,7 @@ from cotrain.planning import (
 )
 from lib.activelearning import Disagreement
 from lib.infers import EnsembleInfer
-from lib.scoring import EnsembleDisagreement
+from lib.scoring import SCORE_KEY_PREFIX, EnsembleDisagreement, last_run, scoring_status
 from lib.settings import (
     conf_value,
     parse_model_settings,
@@ -232,5 +234,30 @@ class CoTrainTaskConfig(TaskConfig):
         return {"disagreement": Disagreement()}
 
     def scoring_method(self) -> ScoringMethod | dict[str, ScoringMethod] | None:
-        """Store the members' mean disagreement on each unlabeled image."""
-        return {f"disagreement_{self.name}": EnsembleDisagreement(self.name, self.path)}
+        """Store the members' mean disagreement on each unlabeled image, within the scoring
+        budget of the device it runs on (the GPU when there is one)."""
+        method = EnsembleDisagreement(
+            self.name, self.path, self.scoring_minutes, record_path=self.scoring_record
+        )
+        return {method.key: method}
+
+    @property
+    def scoring_record(self) -> str:
+        """Where each scoring run records what it did (``MODEL_DIR/NAME/scoring.json``)."""
+        return os.path.join(self.work_dir, "scoring.json")
+
+    @property
+    def scoring_minutes(self) -> float:
+        """One scoring run's budget on the device scoring runs on (the GPU when there is one)."""
+        return self.settings.scoring_minutes("cuda" if torch.cuda.is_available() else "cpu")
+
+    def scoring_info(self, datastore: Datastore) -> dict[str, Any]:
+        """``/info`` entry ``scoring``: how many unlabeled images are scored with the served
+        model (:func:`lib.scoring.scoring_status`), the budget of one scoring run and what
+        the latest run did (``last_run``: counts, ``seconds``, ``model_ts``, ``ts``)."""
+        status = scoring_status(datastore, f"{SCORE_KEY_PREFIX}{self.name}", self.path)
+        return {
+            **status,
+            "budget_minutes": self.scoring_minutes,
+            "last_run": last_run(self.scoring_record),
+        }

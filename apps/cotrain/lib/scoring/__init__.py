@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from lib.scoring.disagreement import EnsembleDisagreement
+from lib.scoring.disagreement import (
+    SCORE_KEY_PREFIX,
+    EnsembleDisagreement,
+    last_run,
+    scoring_status,
+)
 
-__all__ = ["EnsembleDisagreement"]
+__all__ = ["SCORE_KEY_PREFIX", "EnsembleDisagreement", "last_run", "scoring_status"]
