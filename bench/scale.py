@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         temporary = tempfile.TemporaryDirectory(prefix="cotrain-scale-", ignore_cleanup_errors=True)
         work = Path(temporary.name)
     else:
-        work = settings.work
+        work = settings.work.resolve()  # the server runs in another folder
     work.mkdir(parents=True, exist_ok=True)
     try:
         shape = "x".join(map(str, settings.shape))

@@ -573,9 +573,15 @@ class ArmRun:
                 f"the datastore holds {len(images)} images, not the {len(self.pool)} of the pool"
                 + (f"; scoring cases entered it: {sorted(leaked)}" if leaked else "")
             )
+        # Nothing lost: every label submitted (and every start label) is a final label on disk.
+        stored = {p.name for p in (studies / FINAL_LABELS_DIR).iterdir()}
+        missing = [i for i in labeled if Path(self.pool[i]["image"]).name not in stored]
+        if missing:
+            raise RuntimeError(f"submitted labels missing from the studies folder: {missing}")
         return {
             "kind": "end",
             "name": s.name,
+            "labels_stored": len(labeled) - len(missing),
             "arm": arm.spec,
             "seed": self.seed,
             "cycles": cycle + 1,
@@ -698,6 +704,36 @@ def label_efficiency(grouped: dict[str, dict[int, list[Row]]], max_labels: int) 
     )
 
 
+#: The soak target compares each process's peak memory from this cycle on with this cycle's.
+SOAK_FROM_CYCLE = 5
+#: Growth of a peak from :data:`SOAK_FROM_CYCLE` to the last cycle that counts as a leak.
+SOAK_GROWTH = 0.10
+
+
+def memory_growth(grouped: dict[str, dict[int, list[Row]]]) -> list[str]:
+    """The soak lines (issue 18): per arm, the growth of the server's and the training's peak
+    memory from cycle :data:`SOAK_FROM_CYCLE` to the last (needs more cycles than that)."""
+    lines = []
+    for arm, per_count in grouped.items():
+        rows = sorted((r for rs in per_count.values() for r in rs), key=lambda r: r["cycle"])
+        start = [r for r in rows if r["cycle"] == SOAK_FROM_CYCLE]
+        if not start or rows[-1]["cycle"] <= SOAK_FROM_CYCLE:
+            continue
+        parts, grew = [], False
+        for key, what in (("server_peak_rss_mb", "server"), ("train_peak_rss_mb", "training")):
+            first = float(start[0].get(key) or 0)
+            last = max(float(r.get(key) or 0) for r in rows[-3:])
+            growth = last / first - 1 if first else 0.0
+            grew = grew or growth > SOAK_GROWTH
+            parts.append(f"{what} {first:.0f} -> {last:.0f} MB ({100 * growth:+.1f}%)")
+        lines.append(
+            f"- Memory from cycle {SOAK_FROM_CYCLE} to {rows[-1]['cycle']} ({arm}; the last "
+            f"3 cycles' peak; < {100 * SOAK_GROWTH:.0f}% growth): {', '.join(parts)}: "
+            f"{'**missed**' if grew else 'met'}"
+        )
+    return lines
+
+
 def median_text(values: Iterable[Any]) -> str:
     """The median of the values that are not ``None`` (``-`` when none is)."""
     present = [v for v in values if v is not None]
@@ -787,6 +823,16 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         "## Targets",
         "",
         label_efficiency(grouped, s.max_labels),
+        *memory_growth(grouped),
+        "- Labels stored at the end: "
+        + (
+            "; ".join(
+                f"{arm} seed {seed}: {e.get('labels_stored', '?')} of {e['labels']}"
+                for (arm, seed), e in sorted(ends.items())
+            )
+            or "no arm finished"
+        )
+        + ".",
         f"- Submit -> published within retrain_minutes + {PUBLISH_TARGET_SLACK_S:g} s "
         f"({retrain_limit:g} s):",
         *(publish_lines or ["  - n/a (no retrain cycle yet)"]),
