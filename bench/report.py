@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
+from profiles import method_spec, parse_method
 
 logger = logging.getLogger("bench.report")
 
@@ -75,35 +76,67 @@ def group_rows(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
     return groups
 
 
-def supervised_votes(rows: list[Row]) -> dict[tuple[int, int], float]:
-    """Supervised soft-vote Dice by ``(labeled, seed)``, the reference of every gain.
+#: ``TrainConfig`` settings of a method spec that change how the labels are learnt, so that
+#: its gain is measured against supervised training with the same ones (a spec's other
+#: settings, e.g. ``perturb_unlabeled``, and its hyperparameters concern the unlabeled data).
+RECIPE_SETTINGS = (
+    "augmentation",
+    "optimizer",
+    "learning_rate",
+    "batch_size",
+    "members",
+    "network",
+    "roi_size",
+)
+
+#: Supervised soft-vote Dice by ``(supervised spec, labeled, seed)``.
+SupervisedVotes: TypeAlias = dict[tuple[str, int, int], float]
+
+
+def baseline_spec(method: str) -> str:
+    """The supervised spec a method spec's gain is measured against: ``supervised`` with the
+    spec's :data:`RECIPE_SETTINGS` (``'dct_seg:perturb_unlabeled=true,augmentation="strong"'``
+    -> ``'supervised:augmentation="strong"'``)."""
+    _, settings = parse_method(method)
+    recipe = {k: v for k, v in settings.items() if k in RECIPE_SETTINGS}
+    return method_spec("supervised", recipe) if recipe else "supervised"
+
+
+def supervised_votes(rows: list[Row]) -> SupervisedVotes:
+    """Supervised soft-vote Dice by ``(spec, labeled, seed)``, the references of the gains.
 
     Args:
         rows: One result per run.
     """
-    return {(r["labeled"], r["seed"]): r["vote_dice"] for r in rows if r["method"] == "supervised"}
+    return {
+        (r["method"], r["labeled"], r["seed"]): r["vote_dice"]
+        for r in rows
+        if r["method"].partition(":")[0] == "supervised"
+    }
 
 
 def paired_with_supervised(
-    group: list[Row], supervised: dict[tuple[int, int], float]
+    group: list[Row], supervised: SupervisedVotes
 ) -> tuple[float, float, int] | None:
     """A method's mean soft-vote Dice and the supervised one's, over the seeds both ran.
 
     Seeds change the labeled cases and the initialisation, so a gain is only measured
-    against supervised runs with the same seeds.
+    against supervised runs with the same seeds, and with the same recipe
+    (:func:`baseline_spec`).
 
     Args:
         group: One method's runs at one label count.
-        supervised: Supervised soft-vote Dice by ``(labeled, seed)``.
+        supervised: Supervised soft-vote Dice by ``(spec, labeled, seed)``.
 
     Returns:
         ``(method vote, supervised vote, number of those seeds)``, or ``None`` when no seed
         has both.
     """
+    keys = [(baseline_spec(r["method"]), r["labeled"], r["seed"]) for r in group]
     paired = [
-        (r["vote_dice"], supervised[(r["labeled"], r["seed"])])
-        for r in group
-        if (r["labeled"], r["seed"]) in supervised
+        (r["vote_dice"], supervised[key])
+        for r, key in zip(group, keys, strict=True)
+        if key in supervised and key[0] != r["method"]
     ]
     if not paired:
         return None
@@ -113,7 +146,7 @@ def paired_with_supervised(
 
 def target_lines(
     groups: dict[tuple[str, int], list[Row]],
-    supervised: dict[tuple[int, int], float],
+    supervised: SupervisedVotes,
     targets: Targets | None,
 ) -> list[str]:
     """One markdown line per DCT-Seg/Duo-SegNet result that has a target.
@@ -123,7 +156,7 @@ def target_lines(
 
     Args:
         groups: Rows by ``(method spec, label count)`` (:func:`group_rows`).
-        supervised: Supervised soft-vote Dice by ``(labeled, seed)``.
+        supervised: Supervised soft-vote Dice by ``(spec, labeled, seed)``.
         targets: Label count -> (least Dice, least gain over supervised); none when ``None``.
 
     Returns:
@@ -201,13 +234,15 @@ def write_table(
         "",
         *([setting, ""] if setting else []),
         "Dice in %, HD95 in mm; mean ± std over seeds where there are several. "
-        "A gain over supervised compares the seeds both ran (same labeled cases and initialisation).",
+        "A gain over supervised compares the seeds both ran (same labeled cases and initialisation) "
+        "and the same recipe (augmentation, optimiser, ...: the supervised row with the method's "
+        "recipe settings).",
         "",
         "| method | labeled | soft-vote Dice | member Dice | vote - supervised vote | soft-vote HD95 | s/iteration | seeds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (method, labeled), g in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-        paired = paired_with_supervised(g, supervised) if method != "supervised" else None
+        paired = paired_with_supervised(g, supervised)
         delta = f"{100 * (paired[0] - paired[1]):+.2f}" if paired else "-"
         lines.append(
             f"| {method} | {labeled} | {_mean_std([r['vote_dice'] for r in g], 100)} | {_mean_std([r['member_dice'] for r in g], 100)} "
@@ -238,6 +273,16 @@ def dice_curves(rows: list[Row]) -> dict[tuple[str, int], dict[int, list[float]]
     return curves
 
 
+def seconds_per_iteration(rows: list[Row]) -> dict[tuple[str, int], float]:
+    """Mean recorded training seconds per iteration, per method and label count (rows that
+    record a ``dice_curve`` only): converts a curve's iterations into training wall time."""
+    times: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r.get("dice_curve") and r.get("seconds_per_iteration"):
+            times.setdefault((r["method"], r["labeled"]), []).append(r["seconds_per_iteration"])
+    return {key: float(np.mean(values)) for key, values in times.items()}
+
+
 def dice_curve_lines(rows: list[Row]) -> list[str]:
     """A markdown table of the soft vote's Dice against iterations (none without curves)."""
     curves = dice_curves(rows)
@@ -259,6 +304,43 @@ def dice_curve_lines(rows: list[Row]) -> list[str]:
         best = max(means, key=means.__getitem__)
         cells = [f"{means[i]:.2f}" if i in means else "-" for i in iterations]
         lines.append(f"| {method} | {labeled} | " + " | ".join(cells) + f" | {best} |")
+    lines += equal_time_lines(curves, seconds_per_iteration(rows))
+    return lines
+
+
+def equal_time_lines(
+    curves: dict[tuple[str, int], dict[int, list[float]]],
+    per_iteration: dict[tuple[str, int], float],
+) -> list[str]:
+    """Each curve's Dice at the training wall time of its supervised run's whole length (the
+    latest point within it; :func:`baseline_spec`): what the same minutes buy each method."""
+    lines = []
+    for (method, labeled), points in sorted(curves.items(), key=lambda i: (i[0][1], i[0][0])):
+        reference = (baseline_spec(method), labeled)
+        if reference[0] == method or reference not in curves or reference not in per_iteration:
+            continue
+        budget = per_iteration[reference] * max(curves[reference])
+        step = per_iteration.get((method, labeled))
+        within = [i for i in points if step and i * step <= budget]
+        if not within:
+            continue
+        at = max(within)
+        dice = 100 * float(np.mean(points[at]))
+        supervised = 100 * float(np.mean(curves[reference][max(curves[reference])]))
+        lines.append(
+            f"- `{method}` ({labeled} labeled) in {budget / 60:.0f} training minutes: "
+            f"{dice:.2f} at iteration {at}, against `{reference[0]}`'s {supervised:.2f} "
+            f"({dice - supervised:+.2f})"
+        )
+    if lines:
+        lines = [
+            "",
+            "At equal training time (each run's recorded seconds per iteration, on a machine "
+            "shared with other runs; a point of a longer run, whose learning rate has not yet "
+            "decayed, is a lower bound on a run of that length):",
+            "",
+            *lines,
+        ]
     return lines
 
 
@@ -330,11 +412,25 @@ def plot_learning_curves(rows: list[Row], path: Path, profile_name: str) -> None
 
     terms = {"supervised": "supervised loss (Dice+CE)", "agreement": "agreement term (unweighted)"}
     dice = dice_curves(rows)
-    figure, axes = plt.subplots(
-        1, len(terms) + bool(dice), figsize=(6 * (len(terms) + bool(dice)), 4.5)
-    )
+    per_iteration = seconds_per_iteration(rows)
+    panels = len(terms) + 2 * bool(dice)
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     if dice:
         axis = axes[-1]
+        for (method, labeled), points in sorted(dice.items()):
+            iterations = sorted(points)
+            minutes = [i * per_iteration.get((method, labeled), 0.0) / 60 for i in iterations]
+            axis.plot(
+                minutes,
+                [100 * np.mean(points[i]) for i in iterations],
+                marker=".",
+                label=f"{method} ({labeled} labeled)",
+            )
+        axis.set_xlabel("training minutes (recorded s/iteration)")
+        axis.set_title("soft-vote Dice (%) against training time")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        axis = axes[-2]
         for (method, labeled), points in sorted(dice.items()):
             iterations = sorted(points)
             axis.plot(

@@ -87,27 +87,38 @@ class RunRecord(TrainCallback):
         self._last = time.monotonic()
 
     def on_train_start(self, state: TrainState) -> None:
+        # A run resumed from a checkpoint saved just before its curve point was scored (the
+        # engine checkpoints, then ends the epoch) scores that point now.
+        iteration = state.epoch * state.iterations_per_epoch
+        scored = {p["iteration"] for p in self.points}
+        if self.every and iteration and iteration % self.every == 0 and iteration not in scored:
+            self._score(iteration)
         self._last = time.monotonic()
 
     def on_epoch_end(self, state: TrainState) -> None:
         self.train_seconds += time.monotonic() - self._last
         iteration = state.epoch * state.iterations_per_epoch
         if self.every and (iteration % self.every == 0 or state.epoch == state.total_epochs):
-            t = self.trainer
-            metrics = validate_ensemble(t.ensemble, self.cases, t.config, t.device, t.use_amp)
-            self.points.append(
-                {
-                    "iteration": iteration,
-                    "vote_dice": round(metrics["vote_dice"], 5),
-                    "member_dice": [round(d, 5) for d in metrics["member_dice"]],
-                    "disagreement": round(metrics["disagreement"], 6),
-                }
-            )
-            logger.info("iteration %d: vote Dice %.4f", iteration, metrics["vote_dice"])
+            self._score(iteration)
         if self.path is not None:
             progress = {"train_seconds": self.train_seconds, "dice_curve": self.points}
             self.path.write_text(json.dumps(progress))
         self._last = time.monotonic()
+
+    def _score(self, iteration: int) -> None:
+        """Add the curve point of the members as they are now."""
+        t = self.trainer
+        metrics = validate_ensemble(t.ensemble, self.cases, t.config, t.device, t.use_amp)
+        self.points.append(
+            {
+                "iteration": iteration,
+                "vote_dice": round(metrics["vote_dice"], 5),
+                "member_dice": [round(d, 5) for d in metrics["member_dice"]],
+                "disagreement": round(metrics["disagreement"], 6),
+            }
+        )
+        self.points.sort(key=lambda p: p["iteration"])
+        logger.info("iteration %d: vote Dice %.4f", iteration, metrics["vote_dice"])
 
 
 def run_folder(work: Path, spec: str, num_labeled: int, seed: int) -> Path:

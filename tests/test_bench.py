@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import profiles  # noqa: E402
 import quality  # noqa: E402
 import report  # noqa: E402
+import runner  # noqa: E402
 
 
 def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
@@ -166,3 +167,56 @@ def test_benchmark_command_writes_results_and_resumes(
 
     assert quality.main(argv) == 0
     assert len((output / "tiny.jsonl").read_text().splitlines()) == 2
+
+
+def test_gains_compare_against_supervised_with_the_same_recipe(tmp_path: Path) -> None:
+    # A method trained with strong augmentation is compared with supervised training with
+    # strong augmentation, not with the weaker flip-only baseline.
+    def row(method: str, vote: float) -> dict:
+        return {
+            "method": method,
+            "labeled": 8,
+            "seed": 0,
+            "vote_dice": vote,
+            "member_dice": vote,
+            "vote_hd95": 2.0,
+            "train_seconds": 1.0,
+            "seconds_per_iteration": 0.1,
+        }
+
+    strong = 'augmentation="strong"'
+    rows = [row("supervised", 0.80), row(f"supervised:{strong}", 0.84)]
+    rows += [row(f"dct_seg:perturb_unlabeled=true,{strong}", 0.85), row("dct_seg", 0.82)]
+    assert report.baseline_spec(f"dct_seg:perturb_unlabeled=true,{strong}") == (
+        f"supervised:{strong}"
+    )
+    report.write_table(rows, tmp_path / "t.md", "t")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    assert "| +1.00 |" in next(x for x in lines if x.startswith("| dct_seg:perturb"))
+    assert "| +2.00 |" in next(x for x in lines if x.startswith("| dct_seg |"))
+
+
+def test_a_resumed_run_scores_the_curve_point_its_checkpoint_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine checkpoints an epoch before the curve point is scored: a run stopped in
+    # between scores that point when it resumes, once.
+    from types import SimpleNamespace
+
+    scored = []
+
+    def validate(*args: object) -> dict:
+        scored.append(1)
+        return {"vote_dice": 0.5, "member_dice": [0.5], "disagreement": 0.0}
+
+    monkeypatch.setattr(runner, "validate_ensemble", validate)
+    trainer = SimpleNamespace(ensemble=None, config=None, device=None, use_amp=False)
+    record = runner.RunRecord(trainer, [], curve_every=4, path=None)
+    record.points = [{"iteration": 4, "vote_dice": 0.4}]
+    resumed = SimpleNamespace(epoch=8, iterations_per_epoch=1, total_epochs=12)
+    record.on_train_start(resumed)
+    assert [p["iteration"] for p in record.points] == [4, 8]
+    record.on_train_start(resumed)  # already scored: not again
+    assert len(scored) == 1
+    record.on_train_start(SimpleNamespace(epoch=6, iterations_per_epoch=1, total_epochs=12))
+    assert len(scored) == 1  # 6 is not a curve point
