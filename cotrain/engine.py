@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: Steps timed (after a first warm-up step) before a time budget plans the run's length.
 BUDGET_PROBE_STEPS = 3
+#: A run planned as one shortened epoch (its budget holds less than one) re-plans every this
+#: many steps from the mean step time so far, so that a machine that slows down (another job,
+#: a larger batch of data) still ends within the budget; longer runs re-plan after each epoch.
+BUDGET_REPLAN_STEPS = 5
 
 __all__ = [
     "TrainCallback",
@@ -361,8 +365,17 @@ class Trainer:
             self.state.elapsed_s = time.monotonic() - start
             if c.time_budget_minutes and epoch == 0 and iteration == 1:
                 probe_start = self.state.elapsed_s  # the first step warms up: not measured
-            if c.time_budget_minutes and epoch == 0 and iteration == 1 + BUDGET_PROBE_STEPS:
-                seconds_per_step = (self.state.elapsed_s - probe_start) / BUDGET_PROBE_STEPS
+            timed = iteration - 1  # steps since the warm-up step
+            if (
+                c.time_budget_minutes
+                and epoch == 0
+                and timed >= BUDGET_PROBE_STEPS
+                and (
+                    timed == BUDGET_PROBE_STEPS
+                    or (c.epochs == 1 and timed % BUDGET_REPLAN_STEPS == 0)
+                )
+            ):
+                seconds_per_step = (self.state.elapsed_s - probe_start) / timed
                 self.fit_to_budget(self.state.elapsed_s, seconds_per_step, per="step")
             self._emit("on_iteration_end")
         self.state.losses = {name: total / iteration for name, total in sums.items()}
@@ -371,9 +384,10 @@ class Trainer:
     def fit_to_budget(self, elapsed_s: float, seconds: float, per: str) -> None:
         """Shorten the run so that it ends within ``config.time_budget_minutes``.
 
-        Called after the first few steps (``per="step"``: the measured seconds per step) and
-        after every epoch (``per="epoch"``: the mean seconds per epoch so far, validation
-        included), so the plan follows the machine's real speed. The run never grows beyond
+        Called after the first few steps (``per="step"``: the measured seconds per step; again
+        every :data:`BUDGET_REPLAN_STEPS` steps while the run is one shortened epoch) and after
+        every epoch (``per="epoch"``: the mean seconds per epoch so far, validation included),
+        so the plan follows the machine's real speed. The run never grows beyond
         its configured epochs, and runs at least the epoch it is in; the learning-rate
         schedule and the methods' ramps span the planned length.
 
@@ -388,8 +402,9 @@ class Trainer:
         if per == "step":
             spent = seconds * self.state.iteration  # this epoch's steps so far
             if seconds * c.iterations_per_epoch > left + spent:
-                # Not even one epoch fits: one shorter epoch, ending within the budget.
-                steps = int(left / seconds) + self.state.iteration
+                # Not even one epoch fits: one shorter epoch, ending within the budget (or now,
+                # when setting up took it all: never fewer steps than were done).
+                steps = max(int(left / seconds), 0) + self.state.iteration
                 epochs, iterations_per_epoch = 1, min(steps, c.iterations_per_epoch)
             else:
                 epochs = int((left + spent) / (seconds * c.iterations_per_epoch))
