@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from cotrain.config import TUNED_SETTINGS
+from cotrain.config import SERVED_RECIPE, TUNED_SETTINGS
 from lib.configs.base import CoTrainTaskConfig
 
 
@@ -15,10 +15,11 @@ class DuoSegNetModel(CoTrainTaskConfig):
     own perturbed copy of the unlabeled batch, and the agreement weight is 1.5 (paper 0.3). On
     the hippocampus test split (8 labeled, 5 seeds) that gained +0.93 Dice over supervised
     training (one seed of five lost 0.56), against +0.53 with the paper's settings (2 seeds;
-    ``bench/results/quick-1000it.md``). The paper's: ``--conf perturb_unlabeled false --conf
-    method_params '{"lambda_u":0.3}'``.
+    ``bench/results/quick-1000it.md``). Like every served model it trains with nnU-Net's
+    augmentation (:data:`cotrain.config.SERVED_RECIPE`). The paper's: ``--conf
+    perturb_unlabeled false --conf method_params '{"lambda_u":0.3}' --conf augmentation flip``.
     """
 
     method = "duo_segnet"
     summary = "Duo-SegNet adversarial dual-view ensemble"
-    defaults: ClassVar[dict[str, Any]] = TUNED_SETTINGS["duo_segnet"]
+    defaults: ClassVar[dict[str, Any]] = {**SERVED_RECIPE, **TUNED_SETTINGS["duo_segnet"]}
