@@ -136,7 +136,10 @@ PROFILES: dict[str, Profile] = {
         },
         targets={8: (None, 1.5)},
     ),
-    # 80 left-atrium MRIs: 64 train / 16 test, 8 and 16 labeled as in the literature; GPU.
+    # 80 left-atrium MRIs: 64 train / 16 test, 8 and 16 labeled as in the literature, 112x112x80
+    # patches as there, the served recipe's augmentation; the model kept is the best on 6
+    # validation cases inside the training split (never chosen on the test split). GPU.
+    # Targets: BCP (CVPR 2023), 89.62 and 91.26 Dice on this 80/20 protocol.
     "full": Profile(
         data=SHARED_DATA / "la2018",
         num_test=16,
@@ -145,7 +148,8 @@ PROFILES: dict[str, Profile] = {
         seeds=[0, 1],
         num_validation=6,
         train={
-            "roi_size": (96, 96, 64),
+            "augmentation": "strong",
+            "roi_size": (112, 112, 80),
             "epochs": 60,
             "iterations_per_epoch": 100,
             "batch_size": 2,
@@ -154,7 +158,7 @@ PROFILES: dict[str, Profile] = {
             "network": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2]},
             "val_interval": 5,
         },
-        targets={8: (88.0, 3.0), 16: (90.0, 3.0)},
+        targets={8: (89.62, 1.5), 16: (91.26, 1.5)},
     ),
 }
 
