@@ -415,32 +415,28 @@ def plot_learning_curves(rows: list[Row], path: Path, profile_name: str) -> None
     per_iteration = seconds_per_iteration(rows)
     panels = len(terms) + 2 * bool(dice)
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
-    if dice:
-        axis = axes[-1]
-        for (method, labeled), points in sorted(dice.items()):
-            iterations = sorted(points)
-            minutes = [i * per_iteration.get((method, labeled), 0.0) / 60 for i in iterations]
-            axis.plot(
-                minutes,
-                [100 * np.mean(points[i]) for i in iterations],
-                marker=".",
-                label=f"{method} ({labeled} labeled)",
-            )
-        axis.set_xlabel("training minutes (recorded s/iteration)")
-        axis.set_title("soft-vote Dice (%) against training time")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-        axis = axes[-2]
-        for (method, labeled), points in sorted(dice.items()):
+    # The soft vote's Dice against iterations, then against training minutes.
+    dice_panels = [
+        ("iteration", "on the evaluation cases", lambda key: 1.0),
+        (
+            "training minutes (recorded s/iteration)",
+            "against training time",
+            lambda key: per_iteration.get(key, 0.0) / 60,
+        ),
+    ]
+    for axis, (xlabel, title, scale) in zip(
+        axes[len(terms) :], dice_panels if dice else [], strict=True
+    ):
+        for key, points in sorted(dice.items()):
             iterations = sorted(points)
             axis.plot(
-                iterations,
+                [i * scale(key) for i in iterations],
                 [100 * np.mean(points[i]) for i in iterations],
                 marker=".",
-                label=f"{method} ({labeled} labeled)",
+                label=f"{key[0]} ({key[1]} labeled)",
             )
-        axis.set_xlabel("iteration")
-        axis.set_title("soft-vote Dice (%) on the evaluation cases")
+        axis.set_xlabel(xlabel)
+        axis.set_title(f"soft-vote Dice (%) {title}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     for axis, (term, title) in zip(axes[: len(terms)], terms.items(), strict=True):
