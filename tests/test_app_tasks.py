@@ -167,8 +167,8 @@ def test_scoring_within_budget_scores_new_studies_first_then_oldest(
     served: Served, tmp_path: Path
 ) -> None:
     """A budget too small for more than one study: each run scores one, never-scored studies
-    first (id order), then, after a new model, the oldest score first; ``scoring_status``
-    (``/info``) counts them."""
+    first (the newest study first, else id order), then, after a new model, the oldest score
+    first; ``scoring_status`` (``/info``) counts them."""
     if not served.model_path.exists():
         served.task({}, served.datastore)
     write_demo_studies(tmp_path / "studies", num_images=4, num_labeled=1, shape=(20, 20, 20))
@@ -192,6 +192,15 @@ def test_scoring_within_budget_scores_new_studies_first_then_oldest(
         order += [i for i, e in before.items() if datastore.get_image_info(i).get(key) != e]
     assert order == ["case_001", "case_002", "case_003"]
     assert scoring({}, datastore) == {"scored": 0, "skipped": 3, "invalid": 0, "deferred": 0}
+
+    # A study that arrives while others still wait for their first score is scored first.
+    for image in ("case_002", "case_003"):
+        datastore.update_image_info(image, {"disagreement_dct_seg": None})
+    datastore.update_image_info("case_003", {"ts": datastore.get_image_info("case_002")["ts"] + 5})
+    assert scoring({}, datastore)["scored"] == 1
+    assert isinstance(datastore.get_image_info("case_003")[key], dict)
+    assert datastore.get_image_info("case_002")[key] is None
+    assert scoring({}, datastore)["scored"] == 1
 
     # A new model: every score is stale; the oldest is redone first.
     for image, ts in (("case_001", 300), ("case_002", 100), ("case_003", 200)):

@@ -7,8 +7,9 @@ image's datastore info under ``disagreement_MODEL``::
 
     {"score": 0.0123, "model_ts": 1700000000123456789, "ts": 1700000000}
 
-A run scores what changed, most needed first: images never scored (new studies, in id
-order), then images scored with an older model, oldest score first. An image already scored
+A run scores what changed, most needed first: images never scored (the newest study first,
+so that one that arrives is scored by the next run), then images scored with an older model,
+oldest score first. An image already scored
 with the current model file is skipped. The run stops before the next image would pass its
 budget (``--conf score_minutes``; the mean time per image so far is the estimate), so scoring
 after a publish takes bounded time however many studies the folder holds; the next run goes
@@ -62,21 +63,24 @@ def scoring_queue(
         current: The served model's ``model_ts``.
 
     Returns:
-        ``(never, stale, up_to_date)``: the images never scored, in id order; those scored
-        with another model, oldest score first; and how many are scored with ``current``.
+        ``(never, stale, up_to_date)``: the images never scored, the most recently added
+        first (then by id: a study that arrives is scored by the next run, even while a
+        backlog waits); those scored with another model, oldest score first; and how many
+        are scored with ``current``.
     """
-    never: list[str] = []
+    never: list[tuple[float, str]] = []
     stale: list[tuple[float, str]] = []
     up_to_date = 0
     for image_id in sorted(datastore.get_unlabeled_images()):
-        entry = datastore.get_image_info(image_id).get(key)
+        info = datastore.get_image_info(image_id)
+        entry = info.get(key)
         if not isinstance(entry, dict):
-            never.append(image_id)
+            never.append((-float(info.get("ts") or 0), image_id))
         elif current is not None and entry.get("model_ts") == current:
             up_to_date += 1
         else:
             stale.append((float(entry.get("ts") or 0), image_id))
-    return never, [image for _, image in sorted(stale)], up_to_date
+    return [i for _, i in sorted(never)], [i for _, i in sorted(stale)], up_to_date
 
 
 def last_run(record_path: str) -> dict[str, Any] | None:
