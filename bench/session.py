@@ -990,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         work = Path(temporary.name)
     else:
-        work = settings.work
+        work = settings.work.resolve()  # the server runs in another folder
         work.mkdir(parents=True, exist_ok=True)
     try:
         pool, scoring = session_cases(settings, work)
