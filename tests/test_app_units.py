@@ -469,3 +469,33 @@ def test_scoring_budget_is_a_share_of_the_retrain_budget_unless_set() -> None:
     assert set_.scoring_minutes("cpu") == 0.0
     with pytest.raises(ValueError, match="score_minutes must be >= 0"):
         parse_model_settings({"score_minutes": "-2"}, "dct_seg", DCTSegModel.method)
+
+
+def test_next_sample_queues_no_redundant_scoring_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MONAI Label asks for scoring after every next-sample: the server starts a run only when
+    a study is left to score with the served model and no run already waits to start."""
+    from monailabel.interfaces.app import MONAILabelApp
+
+    main = _load_main()
+    queued: list[Any] = []
+    monkeypatch.setattr(MONAILabelApp, "async_scoring", lambda self, m, p=None: queued.append(m))
+    waiting: list[dict[str, str]] = []
+    monkeypatch.setattr(main, "background_tasks", lambda method: waiting)
+
+    def ask(pending: bool) -> None:
+        """The server's call, on an app with nothing but what the method reads."""
+        app = main.CoTrainApp.__new__(main.CoTrainApp)
+        app._server_mode, app._scoring_methods = True, {"disagreement_dct_seg": None}
+        app._scoring_pending = lambda: pending
+        app.async_scoring(None)
+
+    ask(pending=False)
+    assert queued == []  # everything is scored with the served model
+    ask(pending=True)
+    assert queued == [None]
+    waiting.append({"status": "SUBMITTED"})
+    ask(pending=True)
+    assert queued == [None]  # one already waits to start
+    waiting[0]["status"] = "RUNNING"
+    ask(pending=True)
+    assert queued == [None, None]

@@ -42,11 +42,18 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.utils import tasks as background_tasks
 from monailabel.utils.others.generic import remove_file
 
 from cotrain.files import is_inside
 
 logger = logging.getLogger(__name__)
+
+
+def scoring_waits() -> bool:
+    """Whether a scoring run is queued in this server and has not started yet."""
+    return any(task.get("status") == "SUBMITTED" for task in background_tasks("scoring"))
+
 
 #: Datastore label tag under which requested uncertainty maps are stored.
 UNCERTAINTY_TAG = "uncertainty"
@@ -261,16 +268,22 @@ class CoTrainApp(MONAILabelApp):
 
         In the server this is MONAI Label's own (queued), except that a request for every
         method (MONAI Label's after each next-sample, at start-up and after a training) starts
-        no subprocess while every unlabeled study is scored with the served model: each would
-        cost the imports of a Python process and find nothing to do. Outside the server, i.e. in
+        no subprocess while every unlabeled study is scored with the served model (each would
+        cost the imports of a Python process and find nothing to do), nor queues one while
+        another waits to start (that one scores what is pending when it starts; else each
+        next-sample of a folder with a backlog would queue one more budget-long run). Outside the server, i.e. in
         a train subprocess right after a model was published, MONAI Label would call
         ``POST /scoring/METHOD``, which the server refuses while any scoring runs, and the new
         model's scores would be lost; ``POST /scoring/`` queues every method instead.
         """
         if self._server_mode or not self._scoring_methods:
-            if self._server_mode and method is None and not self._scoring_pending():
-                logger.debug("scoring: every unlabeled study is scored with the served models")
-                return {}
+            if self._server_mode and method is None:
+                if scoring_waits():
+                    logger.debug("scoring: a run already waits to start; not queueing another")
+                    return {}
+                if not self._scoring_pending():
+                    logger.debug("scoring: every unlabeled study is scored with the served models")
+                    return {}
             return super().async_scoring(method, params)
         return self._local_request("/scoring/", params, "Scoring")
 
