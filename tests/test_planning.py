@@ -242,8 +242,10 @@ def test_app_plans_from_the_studies_and_shows_the_plan_in_info(
     app.name, app.description, app.version, app.labels = "app", "", "0", None
     app._infers = {"dct_seg": config.infer()}
     app._trainers, app._strategies, app._scoring_methods = {}, {}, {}
-    app._datastore = SimpleNamespace(status=dict)
-    assert app.info()["models"]["dct_seg"]["plan"] == info
+    app._datastore = SimpleNamespace(status=dict, get_unlabeled_images=list)
+    entry = app.info()["models"]["dct_seg"]
+    assert entry["plan"] == info
+    assert entry["scoring"]["unlabeled"] == 0  # /info also counts the scored studies
 
 
 def test_app_with_empty_studies_uses_the_defaults(tmp_path: Path) -> None:
