@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from server_memory import MemorySampler
-from session import QUICK_RECIPE, wait_for_model
+from session import QUICK_RECIPE, read_rows, wait_for_model
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,13 +269,6 @@ def run_size(n: int, names: list[str], pool: Path, work: Path, settings: Setting
 
 
 # ----------------------------------------------------------------------------------- results
-def read_rows(path: Path) -> list[Row]:
-    """The rows written so far (none if the file does not exist)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def targets(rows: list[Row], settings: Settings) -> list[str]:
     """Issue 18's targets, met or missed, from the rows."""
     by_n = {n: [r for r in rows if r["n"] == n] for n in sorted({r["n"] for r in rows})}

@@ -271,10 +271,12 @@ class CoTrainApp(MONAILabelApp):
         no subprocess while every unlabeled study is scored with the served model (each would
         cost the imports of a Python process and find nothing to do), nor queues one while
         another waits to start (that one scores what is pending when it starts; else each
-        next-sample of a folder with a backlog would queue one more budget-long run). Outside the server, i.e. in
-        a train subprocess right after a model was published, MONAI Label would call
-        ``POST /scoring/METHOD``, which the server refuses while any scoring runs, and the new
-        model's scores would be lost; ``POST /scoring/`` queues every method instead.
+        next-sample of a folder with a backlog would queue one more budget-long run).
+
+        Outside the server, i.e. in a train subprocess right after a model was published,
+        MONAI Label would call ``POST /scoring/METHOD``, which the server refuses while any
+        scoring runs, and the new model's scores would be lost; ``POST /scoring/`` queues
+        every method instead.
         """
         if self._server_mode or not self._scoring_methods:
             if self._server_mode and method is None:
@@ -291,7 +293,7 @@ class CoTrainApp(MONAILabelApp):
         """Whether a published model has an unlabeled study not yet scored with it."""
         datastore = self.datastore()
         for config in self.models.values():
-            status = config.scoring_info(datastore)
+            status = config.scoring_status(datastore)
             if (
                 os.path.exists(config.path)
                 and status["unlabeled"] > status["scored_with_current_model"]

@@ -137,8 +137,9 @@ DEFAULT_BUDGET_MINUTES: dict[str, tuple[float, float]] = {"cpu": (8.0, 15.0), "c
 
 #: Default wall-time bound of one scoring run (minutes), as a fraction of the device's default
 #: retrain budget: scoring after a publish shares the machine with the next retrain, so it gets
-#: a quarter of the cycle (2 minutes on CPU, where one study of 200 MB takes seconds; 3.75 on a
-#: GPU). What it leaves is scored by the next run, oldest scores first.
+#: a quarter of the cycle (2 minutes on CPU, where a 512x512x160 CT takes about 25 s with 2
+#: members on one core, ``bench/results/speed-cpu.md``; 3.75 on a GPU). What it leaves is
+#: scored by the next run.
 DEFAULT_SCORE_FRACTION = 0.25
 
 

@@ -37,7 +37,7 @@ from cotrain.planning import (
 )
 from lib.activelearning import Disagreement
 from lib.infers import EnsembleInfer
-from lib.scoring import SCORE_KEY_PREFIX, EnsembleDisagreement, last_run, scoring_status
+from lib.scoring import EnsembleDisagreement, last_run, score_key, scoring_status
 from lib.settings import (
     conf_value,
     parse_model_settings,
@@ -251,13 +251,16 @@ class CoTrainTaskConfig(TaskConfig):
         """One scoring run's budget on the device scoring runs on (the GPU when there is one)."""
         return self.settings.scoring_minutes("cuda" if torch.cuda.is_available() else "cpu")
 
+    def scoring_status(self, datastore: Datastore) -> dict[str, int]:
+        """How many unlabeled images are scored with the served model
+        (:func:`lib.scoring.scoring_status`)."""
+        return scoring_status(datastore, score_key(self.name), self.path)
+
     def scoring_info(self, datastore: Datastore) -> dict[str, Any]:
-        """``/info`` entry ``scoring``: how many unlabeled images are scored with the served
-        model (:func:`lib.scoring.scoring_status`), the budget of one scoring run and what
-        the latest run did (``last_run``: counts, ``seconds``, ``model_ts``, ``ts``)."""
-        status = scoring_status(datastore, f"{SCORE_KEY_PREFIX}{self.name}", self.path)
+        """``/info`` entry ``scoring``: :meth:`scoring_status`, the budget of one scoring run
+        and what the latest run did (``last_run``: counts, ``seconds``, ``model_ts``, ``ts``)."""
         return {
-            **status,
+            **self.scoring_status(datastore),
             "budget_minutes": self.scoring_minutes,
             "last_run": last_run(self.scoring_record),
         }

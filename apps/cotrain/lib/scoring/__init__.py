@@ -6,7 +6,14 @@ from lib.scoring.disagreement import (
     SCORE_KEY_PREFIX,
     EnsembleDisagreement,
     last_run,
+    score_key,
     scoring_status,
 )
 
-__all__ = ["SCORE_KEY_PREFIX", "EnsembleDisagreement", "last_run", "scoring_status"]
+__all__ = [
+    "SCORE_KEY_PREFIX",
+    "EnsembleDisagreement",
+    "last_run",
+    "score_key",
+    "scoring_status",
+]

@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 SCORE_KEY_PREFIX = "disagreement_"
 
 
+def score_key(model: str) -> str:
+    """The image info key of ``model``'s scores (``disagreement_MODEL``)."""
+    return f"{SCORE_KEY_PREFIX}{model}"
+
+
 def model_ts(path: str) -> int | None:
     """The served model file's modification time (ns): what a score's ``model_ts`` names;
     ``None`` if no model is published."""
@@ -126,7 +131,7 @@ class EnsembleDisagreement(ScoringMethod):
         super().__init__(f"Mean disagreement of the {name} ensemble members on unlabeled images")
         self.name = name
         self.path = path
-        self.key = f"{SCORE_KEY_PREFIX}{name}"
+        self.key = score_key(name)
         self.budget_minutes = budget_minutes
         self.record_path = record_path
 
