@@ -499,3 +499,26 @@ def test_next_sample_queues_no_redundant_scoring_run(monkeypatch: pytest.MonkeyP
     waiting[0]["status"] = "RUNNING"
     ask(pending=True)
     assert queued == [None, None]
+
+
+# ----------------------------------------------------------------------------- server memory
+def test_infer_hands_freed_memory_back_to_the_system() -> None:
+    """The long-lived server returns what a prediction freed (glibc keeps it per thread
+    otherwise, and the server's memory creeps up from publish to publish)."""
+    import ctypes.util
+    import threading
+
+    from lib.infers import ensemble
+
+    if ctypes.util.find_library("c") is None or ensemble._MALLOC_TRIM is None:
+        pytest.skip("this C library has no malloc_trim")
+
+    def churn() -> None:  # what a prediction leaves in a worker thread's arena
+        blocks = [bytearray(64 * 1024) for _ in range(2000)]
+        del blocks[::2]
+        blocks.clear()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    worker.join()
+    assert ensemble.release_freed_memory() is True
