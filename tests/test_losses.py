@@ -194,7 +194,8 @@ TERMS = {
     [(name, False, {}) for name in sorted(TERMS)]
     + [(name, True, {}) for name, cls in METHOD_CLASSES.items() if cls.perturbable]
     + [(name, True, {"agreement_focus": 0.3}) for name in FOCUSABLE_METHODS]
-    + [("duo_segnet", True, {"entropy_weight": 0.0})],
+    + [("duo_segnet", True, {"entropy_weight": 0.0})]
+    + [("dct_seg", True, {"lambda_mix": 1.0}), ("duo_segnet", False, {"lambda_mix": 1.0})],
 )
 def test_every_loss_term_sends_gradient_to_every_member(
     method_name: str, perturbed: bool, params: dict
@@ -207,7 +208,9 @@ def test_every_loss_term_sends_gradient_to_every_member(
     if perturbed:
         batch.unlabeled_copies = UnlabeledPerturbation(3, seed=0)(batch.unlabeled, 2)
     terms = method.loss_terms(ensemble, batch)
-    assert sorted(terms) == sorted(TERMS[method_name])
+    assert sorted(terms) == sorted(
+        TERMS[method_name] + (["mixed"] if "lambda_mix" in params else [])
+    )
     for name, term in terms.items():
         zero_grads(ensemble, method)
         term.backward(retain_graph=True)

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from cotrain.losses import dice_ce_loss, foreground_focus
+from cotrain.mixing import copy_paste, random_box_mask
 from cotrain.networks import Ensemble
 from cotrain.perturbation import MemberCopies
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AgreementFocus", "Batch", "CoTrainingMethod", "LossTerms"]
+__all__ = ["AgreementFocus", "Batch", "CoTrainingMethod", "CopyPaste", "LossTerms"]
 
 #: Unweighted loss terms by name; the total is ``sum(weights[name] * term)``.
 LossTerms = dict[str, torch.Tensor]
@@ -61,6 +62,34 @@ class AgreementFocus:
     def __post_init__(self) -> None:
         if not 0.0 <= self.agreement_focus < 1.0:
             raise ValueError(f"agreement_focus must be in [0, 1), got {self.agreement_focus}")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the next Params base in a method's Params
+            parent()
+
+
+@dataclass
+class CopyPaste:
+    """Base of the ``Params`` of methods that can add the copy-paste term (DCT-Seg,
+    Duo-SegNet); not in either paper, off by default.
+
+    ``L_mix``: each member's Dice+CE on its labeled patches and the unlabeled ones mixed by
+    bidirectional copy-paste (:mod:`cotrain.mixing`), the unlabeled voxels labelled by the
+    argmax of the *other* members' soft vote (so members still teach each other). It is
+    ramped up with the method's agreement term.
+
+    Attributes:
+        lambda_mix: Maximum weight of ``L_mix`` (0: off).
+        mix_box: Side of the pasted box as a fraction of the patch's side (BCP: 2/3).
+    """
+
+    lambda_mix: float = 0.0
+    mix_box: float = 2.0 / 3.0
+
+    def __post_init__(self) -> None:
+        if self.lambda_mix < 0:
+            raise ValueError(f"lambda_mix must be >= 0, got {self.lambda_mix}")
+        if not 0.0 < self.mix_box < 1.0:
+            raise ValueError(f"mix_box must be in (0, 1), got {self.mix_box}")
 
 
 class CoTrainingMethod(nn.Module):
@@ -225,3 +254,40 @@ class CoTrainingMethod(nn.Module):
             for member_logits, (_, targets) in zip(logits, batch.labeled, strict=True)
         )
         return total, logits
+
+    @staticmethod
+    def copy_paste_term(
+        ensemble: Ensemble, batch: Batch, aligned_logits: torch.Tensor, box: float
+    ) -> torch.Tensor:
+        """``L_mix`` of :class:`CopyPaste`: summed over members like the supervised term.
+
+        Args:
+            ensemble: The members.
+            batch: The step's data (each member's labeled batch is paired with the shared
+                unlabeled batch by index, as many pairs as the smaller holds).
+            aligned_logits: ``(k, B_u, C, ...)`` the members' logits on the shared unlabeled
+                grid (:meth:`unlabeled_predictions`); only their values are used.
+            box: The pasted box's side fraction.
+        """
+        unlabeled = batch.unlabeled
+        if unlabeled is None:
+            raise ValueError("the copy-paste term needs an unlabeled batch")
+        k = len(ensemble)
+        with torch.no_grad():
+            probabilities = torch.softmax(aligned_logits.detach().float(), dim=2)
+            total = probabilities.sum(0)
+            inputs, targets = [], []
+            for member, (images, labels) in enumerate(batch.labeled):
+                peers = (total - probabilities[member]) / max(k - 1, 1)
+                n = min(len(images), len(unlabeled))
+                mask = random_box_mask(images.shape[2:], box, images.device)
+                mixed, mixed_targets = copy_paste(
+                    images[:n], labels[:n], unlabeled[:n], peers[:n].argmax(1, keepdim=True), mask
+                )
+                inputs.append(mixed)
+                targets.append(mixed_targets)
+        logits = ensemble.forward_each(inputs)
+        return sum(
+            dice_ce_loss(member_logits, member_targets)
+            for member_logits, member_targets in zip(logits.unbind(0), targets, strict=True)
+        )

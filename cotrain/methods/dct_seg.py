@@ -1,13 +1,15 @@
 """DCT-Seg: deep co-training for segmentation with adversarial diversity (Peng et al. 2020).
 
-``L = L_sup + lambda_cot(t) L_cot + lambda_div(t) L_div``:
+``L = L_sup + lambda_cot(t) L_cot + lambda_div(t) L_div [+ lambda_mix(t) L_mix]``:
 
 - ``L_sup``: Dice+CE of every member on its own labeled view (Eq. 2-3);
 - ``L_cot``: Jensen-Shannon divergence of all k members on the unlabeled batch (Eq. 4);
 - ``L_div``: for a random pair (i, j) each step (every member is in a pair every ceil(k/2)
   steps), member j learns member i's clean prediction on examples made adversarial for i,
   and vice versa (Eq. 5). Adversarial examples: FGSM against the ground truth on labeled
-  images (Eq. 7), VAT on unlabeled images (Eq. 6).
+  images (Eq. 7), VAT on unlabeled images (Eq. 6);
+- ``L_mix`` (not in the paper, ``lambda_mix = 0`` by default): copy-paste of labeled and
+  unlabeled patches, see :class:`~cotrain.methods.base.CopyPaste`.
 
 ``diversity_every = n > 1`` (not in the paper; 1 by default) computes ``L_div`` on every n-th step
 only, with ``n lambda_div(t)``, so that its mean weight is unchanged and its cost divided by n.
@@ -31,7 +33,7 @@ import torch
 
 from cotrain.adversarial import fgsm_perturbation, vat_perturbation
 from cotrain.losses import adversarial_diversity_loss, jensen_shannon_agreement
-from cotrain.methods.base import AgreementFocus, Batch, CoTrainingMethod, LossTerms
+from cotrain.methods.base import AgreementFocus, Batch, CopyPaste, CoTrainingMethod, LossTerms
 from cotrain.networks import Ensemble
 from cotrain.schedules import MemberPairSampler, gaussian_rampup
 
@@ -44,7 +46,7 @@ class DCTSeg(CoTrainingMethod):
     perturbable = True
 
     @dataclass
-    class Params(AgreementFocus):
+    class Params(AgreementFocus, CopyPaste):
         """Attributes:
         lambda_cot: Maximum weight of the JSD agreement term (paper: 0.5).
         lambda_div: Maximum weight of the adversarial diversity term (paper: 0.05).
@@ -59,6 +61,8 @@ class DCTSeg(CoTrainingMethod):
         diversity_every: Compute the diversity term on every n-th step only, weighted n times
             (1: every step, the paper).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
+        lambda_mix, mix_box: The copy-paste term, off by default; see
+            :class:`~cotrain.methods.base.CopyPaste`.
         """
 
         lambda_cot: float = 0.5
@@ -98,13 +102,20 @@ class DCTSeg(CoTrainingMethod):
             diversity = self._diversity(
                 ensemble, batch, (i, j), labeled_logits, unlabeled_inputs, unlabeled_logits
             )
-        return {
+        terms = {
             "supervised": supervised,
             "agreement": jensen_shannon_agreement(
                 aligned_logits, self.agreement_region(aligned_logits)
             ),
             "diversity": diversity,
         }
+        if self.params.lambda_mix > 0:
+            terms["mixed"] = (
+                supervised.new_zeros(())
+                if self.skipped(weights, "mixed")
+                else self.copy_paste_term(ensemble, batch, aligned_logits, self.params.mix_box)
+            )
+        return terms
 
     def _adversarial_inputs(
         self,
@@ -165,11 +176,16 @@ class DCTSeg(CoTrainingMethod):
         p = self.params
         diversity = gaussian_rampup(progress, p.lambda_div, p.div_rampup_start, p.rampup_end)
         n = p.diversity_every
-        return {
+        weights = {
             "supervised": 1.0,
             "agreement": gaussian_rampup(progress, p.lambda_cot, p.cot_rampup_start, p.rampup_end),
             "diversity": diversity * n if self.steps % n == 0 else 0.0,
         }
+        if p.lambda_mix > 0:
+            weights["mixed"] = gaussian_rampup(
+                progress, p.lambda_mix, p.cot_rampup_start, p.rampup_end
+            )
+        return weights
 
     def get_extra_state(self) -> dict:
         return {"pairs": self.pairs.state_dict(), "steps": self.steps}

@@ -1,12 +1,14 @@
 """Duo-SegNet: adversarial dual-view co-training with a critic (Peiris et al., MICCAI 2021).
 
-Members minimise ``lambda_s L_s + lambda_u(t) L_u + lambda_c(t) L_c`` and the critic maximises
-``L_c`` with its own optimiser (one critic step per members' step, as in the official code):
+Members minimise ``lambda_s L_s + lambda_u(t) L_u + lambda_c(t) L_c [+ lambda_mix(t) L_mix]``
+and the critic maximises ``L_c`` with its own optimiser (one critic step per members' step, as in the official code):
 
 - ``L_s``: Dice+CE of each member on its labeled view (Eqs. 3-4);
 - ``L_u``: symmetric cross-entropy between every pair of members on unlabeled data (Eq. 5);
 - ``L_c``: the members' adversarial loss, fooling the critic on labeled and unlabeled
-  predictions (Eqs. 6-8).
+  predictions (Eqs. 6-8);
+- ``L_mix`` (not in the paper, ``lambda_mix = 0`` by default): copy-paste of labeled and
+  unlabeled patches, see :class:`~cotrain.methods.base.CopyPaste`.
 
 Fixed against the official code: ``L_u`` and the Dice term keep their gradients (the official
 code computes them through ``.item()``), and the critic sees the image and spatial context
@@ -31,7 +33,7 @@ from cotrain.losses import (
     critic_discriminator_loss,
     symmetric_cross_entropy_agreement,
 )
-from cotrain.methods.base import AgreementFocus, Batch, CoTrainingMethod, LossTerms
+from cotrain.methods.base import AgreementFocus, Batch, CopyPaste, CoTrainingMethod, LossTerms
 from cotrain.networks import Critic, Ensemble
 from cotrain.schedules import gaussian_rampup
 
@@ -44,7 +46,7 @@ class DuoSegNet(CoTrainingMethod):
     perturbable = True
 
     @dataclass
-    class Params(AgreementFocus):
+    class Params(AgreementFocus, CopyPaste):
         """Attributes:
         lambda_u: Maximum weight of the symmetric cross-entropy agreement (paper 0.3, code 0.4).
         lambda_c: Maximum weight of the members' adversarial (critic) loss (paper and code 0.2).
@@ -56,6 +58,8 @@ class DuoSegNet(CoTrainingMethod):
             symmetric cross-entropy; 0: the symmetric KL divergence, zero wherever the members
             agree; see :func:`~cotrain.losses.symmetric_cross_entropy_agreement`).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
+        lambda_mix, mix_box: The copy-paste term, off by default; see
+            :class:`~cotrain.methods.base.CopyPaste`.
         """
 
         lambda_u: float = 0.3
@@ -116,15 +120,25 @@ class DuoSegNet(CoTrainingMethod):
             )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
-        return {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
+        terms = {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
+        if self.params.lambda_mix > 0:
+            terms["mixed"] = (
+                supervised.new_zeros(())
+                if self.skipped(weights, "mixed")
+                else self.copy_paste_term(ensemble, batch, aligned_logits, self.params.mix_box)
+            )
+        return terms
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params
-        return {
+        weights = {
             "supervised": 1.0,
             "agreement": gaussian_rampup(progress, p.lambda_u, p.rampup_start, p.rampup_end),
             "adversarial": gaussian_rampup(progress, p.lambda_c, p.rampup_start, p.rampup_end),
         }
+        if p.lambda_mix > 0:
+            weights["mixed"] = gaussian_rampup(progress, p.lambda_mix, p.rampup_start, p.rampup_end)
+        return weights
 
     def critic_loss(self, batch: Batch, member_probabilities: list[torch.Tensor]) -> torch.Tensor:
         """The critic's loss: ground truths are real, the members' labeled predictions fake."""
