@@ -200,6 +200,7 @@ class MonaiLabelServer:
             cmd += ["--conf", key, value]
         env = {**os.environ, **self.env}
         env["MONAI_LABEL_TRACKING_ENABLED"] = "false"
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as README's command starts it
         # The cotrain package from this checkout, also when it is not installed.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         with open(self.log_path, "wb") as log:

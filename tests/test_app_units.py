@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -522,3 +523,16 @@ def test_infer_hands_freed_memory_back_to_the_system() -> None:
     worker.start()
     worker.join()
     assert ensemble.release_freed_memory() is True
+
+
+def test_server_subprocesses_wait_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainings and scoring runs started by the server inherit a passive OpenMP wait policy
+    (spinning threads of one take the CPU cores from the others); a setting given at launch
+    is kept."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    main = _load_main()
+    assert main.LAUNCH_WAIT_POLICY is None
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert _load_main().LAUNCH_WAIT_POLICY == "ACTIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
