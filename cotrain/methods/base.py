@@ -255,6 +255,22 @@ class CoTrainingMethod(nn.Module):
         )
         return total, logits
 
+    def copy_paste_terms(
+        self,
+        ensemble: Ensemble,
+        batch: Batch,
+        aligned_logits: torch.Tensor,
+        weights: Mapping[str, float] | None,
+    ) -> LossTerms:
+        """``{"mixed": L_mix}`` when the method's :class:`CopyPaste` option is on (a constant 0
+        while its weight is 0), else nothing."""
+        p = self.params
+        if not isinstance(p, CopyPaste) or p.lambda_mix == 0:
+            return {}
+        if self.skipped(weights, "mixed"):
+            return {"mixed": aligned_logits.new_zeros((), dtype=torch.float32)}
+        return {"mixed": self.copy_paste_term(ensemble, batch, aligned_logits, p.mix_box)}
+
     @staticmethod
     def copy_paste_term(
         ensemble: Ensemble, batch: Batch, aligned_logits: torch.Tensor, box: float

@@ -109,12 +109,7 @@ class DCTSeg(CoTrainingMethod):
             ),
             "diversity": diversity,
         }
-        if self.params.lambda_mix > 0:
-            terms["mixed"] = (
-                supervised.new_zeros(())
-                if self.skipped(weights, "mixed")
-                else self.copy_paste_term(ensemble, batch, aligned_logits, self.params.mix_box)
-            )
+        terms.update(self.copy_paste_terms(ensemble, batch, aligned_logits, weights))
         return terms
 
     def _adversarial_inputs(

@@ -121,12 +121,7 @@ class DuoSegNet(CoTrainingMethod):
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
         terms = {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
-        if self.params.lambda_mix > 0:
-            terms["mixed"] = (
-                supervised.new_zeros(())
-                if self.skipped(weights, "mixed")
-                else self.copy_paste_term(ensemble, batch, aligned_logits, self.params.mix_box)
-            )
+        terms.update(self.copy_paste_terms(ensemble, batch, aligned_logits, weights))
         return terms
 
     def loss_weights(self, progress: float) -> dict[str, float]:
