@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -319,15 +320,27 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, event)(self.state)
 
-    def train_step(self, batch: Batch, progress: float) -> dict[str, float]:
-        """One optimiser step of the members (and the method's own step). Returns the reported values."""
+    def train_step(
+        self, batch: Batch, progress: float, every_term: bool = False
+    ) -> dict[str, float]:
+        """One optimiser step of the members (and the method's own step).
+
+        Args:
+            batch: The step's data.
+            progress: Fraction of the run done (the terms' ramps).
+            every_term: Compute every loss term, also those whose weight is 0 this step (they
+                add nothing to the gradient; the step then costs what a later one does).
+
+        Returns:
+            The reported values.
+        """
         self.ensemble.train()
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
         # A continued run (the method's state carried over) resumes with its ramps complete.
         weights = self.method.loss_weights(1.0 if self.state.continued else progress)
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            terms = self.method.loss_terms(self.ensemble, batch, weights)
+            terms = self.method.loss_terms(self.ensemble, batch, None if every_term else weights)
         total = sum(weights[name] * term.float() for name, term in terms.items())
         if not torch.isfinite(total):
             values = {name: float(term.detach()) for name, term in terms.items()}
@@ -356,7 +369,11 @@ class Trainer:
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
             batch = streams.next_batch()
-            reported = self.train_step(batch, progress)
+            # The steps a time budget is planned from do all of the method's work, also a
+            # term whose weight is still 0 (DCT-Seg's diversity in the first 10%): planned
+            # from cheaper steps, the run would stop well before its budget.
+            probing = bool(c.time_budget_minutes) and epoch == 0 and iteration <= BUDGET_PROBE_STEPS
+            reported = self.train_step(batch, progress, every_term=probing)
             for name, value in reported.items():
                 sums[name] = sums.get(name, 0.0) + value
             iteration += 1
@@ -388,8 +405,10 @@ class Trainer:
         every :data:`BUDGET_REPLAN_STEPS` steps while the run is one shortened epoch) and after
         every epoch (``per="epoch"``: the mean seconds per epoch so far, validation included),
         so the plan follows the machine's real speed. The run never grows beyond
-        its configured epochs, and runs at least the epoch it is in; the learning-rate
-        schedule and the methods' ramps span the planned length.
+        its configured epochs, and runs at least the epoch it is in; planned from its first
+        steps, its epochs are shortened alike so that it fills the budget rather than ending
+        at the last whole epoch that fits. The learning-rate schedule and the methods' ramps
+        span the planned length.
 
         Args:
             elapsed_s: Seconds since the run started (data caching included).
@@ -407,7 +426,12 @@ class Trainer:
                 steps = max(int(left / seconds), 0) + self.state.iteration
                 epochs, iterations_per_epoch = 1, min(steps, c.iterations_per_epoch)
             else:
-                epochs = int((left + spent) / (seconds * c.iterations_per_epoch))
+                # As many epochs as hold the steps that fit, shortened alike so that the run
+                # fills its budget instead of stopping at the last whole epoch.
+                steps = int((left + spent) / seconds)
+                epochs = min(self._max_epochs, math.ceil(steps / c.iterations_per_epoch))
+                if epochs < self._max_epochs:
+                    iterations_per_epoch = max(self.state.iteration, steps // epochs, 1)
         else:
             epochs = self.state.epoch + int(left / seconds)
         epochs = max(self.state.epoch, 1, min(self._max_epochs, epochs))

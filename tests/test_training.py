@@ -407,6 +407,48 @@ def test_a_one_epoch_budget_follows_a_machine_that_slows_down(
     assert len(recorder.iterations) == state.iterations_per_epoch < 400
 
 
+def test_a_time_budget_is_filled_by_shorter_epochs_not_cut_to_whole_ones(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """Planned from its first steps, a budget that holds two configured epochs and a part of a
+    third trains about as many steps as fit, in three shortened epochs, instead of stopping
+    after the two whole ones."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(epochs=50, iterations_per_epoch=20, time_budget_minutes=1.0)
+    trainer = Trainer(config, labeled, unlabeled, tmp_path)
+    trainer.setup()
+    trainer.state.iteration = 4  # the warm-up step and the timed ones
+    trainer.fit_to_budget(elapsed_s=6.0, seconds=1.0, per="step")  # 54 + 4 steps fit
+    assert (trainer.config.epochs, trainer.config.iterations_per_epoch) == (3, 19)
+    assert trainer.lr_scheduler.total_iters == 3 * 19
+
+
+def test_the_budget_is_planned_from_steps_that_do_every_terms_work(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """DCT-Seg's diversity term has weight 0 for the first 10% of a run and is skipped then;
+    the steps a budget is planned from compute it anyway, so the plan prices it in."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(
+        method="dct_seg", epochs=10, iterations_per_epoch=30, time_budget_minutes=0.5
+    )
+    trainer = Trainer(config, labeled, unlabeled, tmp_path)
+    calls: list[bool] = []
+    original = trainer.train_step
+
+    def recording(batch, progress, every_term=False):
+        calls.append(every_term)
+        if len(calls) == BUDGET_PROBE_STEPS + 3:
+            trainer.request_stop()
+        return original(batch, progress, every_term)
+
+    trainer.train_step = recording  # type: ignore[method-assign]
+    with pytest.raises(TrainingStopped):
+        trainer.fit()
+    assert calls[: BUDGET_PROBE_STEPS + 1] == [True] * (BUDGET_PROBE_STEPS + 1)
+    assert not any(calls[BUDGET_PROBE_STEPS + 1 :])
+
+
 @pytest.mark.parametrize(
     ("epochs", "iterations_per_epoch", "budget_s"),
     [(20, 5, 4.0), (1, 200, 3.0)],  # many short epochs; one epoch longer than the budget
