@@ -371,7 +371,9 @@ class Trainer:
             batch = streams.next_batch()
             # The steps a time budget is planned from do all of the method's work, also a
             # term whose weight is still 0 (DCT-Seg's diversity in the first 10%): planned
-            # from cheaper steps, the run would stop well before its budget.
+            # from cheaper steps, the run would stop well before its budget. (With DCT-Seg's
+            # diversity_every > 1 this prices every step at its dearest: a shorter plan, which
+            # the re-plans after each epoch correct.)
             probing = bool(c.time_budget_minutes) and epoch == 0 and iteration <= BUDGET_PROBE_STEPS
             reported = self.train_step(batch, progress, every_term=probing)
             for name, value in reported.items():

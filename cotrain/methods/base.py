@@ -19,6 +19,7 @@ from cotrain.losses import dice_ce_loss, foreground_focus
 from cotrain.mixing import copy_paste, random_box_mask
 from cotrain.networks import Ensemble
 from cotrain.perturbation import MemberCopies
+from cotrain.schedules import gaussian_rampup
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,14 @@ class CoTrainingMethod(nn.Module):
         if self.skipped(weights, "mixed"):
             return {"mixed": aligned_logits.new_zeros((), dtype=torch.float32)}
         return {"mixed": self.copy_paste_term(ensemble, batch, aligned_logits, p.mix_box)}
+
+    def copy_paste_weights(self, progress: float, ramp_start: float, ramp_end: float) -> dict:
+        """``{"mixed": lambda_mix(t)}`` when the :class:`CopyPaste` option is on (ramped up
+        from ``ramp_start`` to ``ramp_end``, the method's agreement ramp), else nothing."""
+        p = self.params
+        if not isinstance(p, CopyPaste) or p.lambda_mix == 0:
+            return {}
+        return {"mixed": gaussian_rampup(progress, p.lambda_mix, ramp_start, ramp_end)}
 
     @staticmethod
     def copy_paste_term(

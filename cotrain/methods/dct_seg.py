@@ -176,10 +176,7 @@ class DCTSeg(CoTrainingMethod):
             "agreement": gaussian_rampup(progress, p.lambda_cot, p.cot_rampup_start, p.rampup_end),
             "diversity": diversity * n if self.steps % n == 0 else 0.0,
         }
-        if p.lambda_mix > 0:
-            weights["mixed"] = gaussian_rampup(
-                progress, p.lambda_mix, p.cot_rampup_start, p.rampup_end
-            )
+        weights.update(self.copy_paste_weights(progress, p.cot_rampup_start, p.rampup_end))
         return weights
 
     def get_extra_state(self) -> dict:

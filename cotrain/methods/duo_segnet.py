@@ -1,7 +1,8 @@
 """Duo-SegNet: adversarial dual-view co-training with a critic (Peiris et al., MICCAI 2021).
 
 Members minimise ``lambda_s L_s + lambda_u(t) L_u + lambda_c(t) L_c [+ lambda_mix(t) L_mix]``
-and the critic maximises ``L_c`` with its own optimiser (one critic step per members' step, as in the official code):
+and the critic maximises ``L_c`` with its own optimiser (one critic step per members' step, as
+in the official code):
 
 - ``L_s``: Dice+CE of each member on its labeled view (Eqs. 3-4);
 - ``L_u``: symmetric cross-entropy between every pair of members on unlabeled data (Eq. 5);
@@ -131,8 +132,7 @@ class DuoSegNet(CoTrainingMethod):
             "agreement": gaussian_rampup(progress, p.lambda_u, p.rampup_start, p.rampup_end),
             "adversarial": gaussian_rampup(progress, p.lambda_c, p.rampup_start, p.rampup_end),
         }
-        if p.lambda_mix > 0:
-            weights["mixed"] = gaussian_rampup(progress, p.lambda_mix, p.rampup_start, p.rampup_end)
+        weights.update(self.copy_paste_weights(progress, p.rampup_start, p.rampup_end))
         return weights
 
     def critic_loss(self, batch: Batch, member_probabilities: list[torch.Tensor]) -> torch.Tensor:
