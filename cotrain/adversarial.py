@@ -40,7 +40,11 @@ def l2_normalize(d: torch.Tensor) -> torch.Tensor:
 
 
 def fgsm_perturbation(
-    model: nn.Module, image: torch.Tensor, target: torch.Tensor, epsilon: float
+    model: nn.Module,
+    image: torch.Tensor,
+    target: torch.Tensor,
+    epsilon: float,
+    clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fast Gradient Sign Method: ``r = eps * sign(grad_x CE(f(x), y))`` (Peng et al., Eq. 7).
 
@@ -49,10 +53,23 @@ def fgsm_perturbation(
         image: ``(B, C_in, *spatial)``.
         target: ``(B, 1, *spatial)`` class indices.
         epsilon: L-infinity size of the perturbation, in units of the (normalised) image.
+        clean_logits: ``f(image)`` when the caller has it already with a float32 graph from an
+            ``image`` that requires grad (a training step's prediction outside autocast; for
+            cotrain's members, without dropout or batch statistics, it equals the eval-mode
+            one): the gradient is taken through that graph, which is kept for the step's own
+            backward pass, saving a forward pass. ``None`` computes it.
 
     Returns:
         The perturbation ``r`` (detached, float32); the adversarial input is ``image + r``.
     """
+    if clean_logits is not None:
+        if not image.requires_grad or clean_logits.dtype != torch.float32:
+            raise ValueError(
+                "clean_logits must be float32 logits with a graph from an image that requires grad"
+            )
+        loss = F.cross_entropy(clean_logits, target[:, 0].long())
+        (grad,) = torch.autograd.grad(loss, image, retain_graph=True)
+        return epsilon * grad.detach().sign()
     x = image.detach().float().requires_grad_(True)
     with evaluation_mode(model):
         loss = F.cross_entropy(model(x).float(), target[:, 0].long())

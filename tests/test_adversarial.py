@@ -93,3 +93,28 @@ def test_vat_with_the_steps_own_clean_prediction_gives_the_same_direction() -> N
     computed = vat_perturbation(model, x, epsilon=2.0)
     torch.testing.assert_close(reused, computed)
     assert not reused.requires_grad and model.training
+
+
+def test_fgsm_through_the_steps_own_graph_gives_the_same_perturbation_and_keeps_the_graph() -> None:
+    """Outside autocast DCT-Seg takes FGSM's gradient through the supervised pass of the step
+    (its images requiring grad) instead of a forward pass of its own: the same perturbation,
+    and the step's graph stays usable for its backward pass."""
+    model = small_net()
+    x = torch.randn(2, 1, 16, 16, 16)
+    y = torch.randint(0, 3, (2, 1, 16, 16, 16))
+    model.train()
+    step_input = x.clone().requires_grad_(True)
+    step_logits = model(step_input)
+    reused = fgsm_perturbation(model, step_input, y, 0.05, clean_logits=step_logits)
+    computed = fgsm_perturbation(model, x, y, 0.05)
+    assert (reused == computed).float().mean() > 0.999  # sign ties may differ in the last bit
+    assert not reused.requires_grad and all(p.grad is None for p in model.parameters())
+    step_logits.sum().backward()  # the graph was kept
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fgsm_refuses_logits_without_a_graph_to_the_image() -> None:
+    model = small_net()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="requires grad"):
+        fgsm_perturbation(model, x, torch.zeros(1, 1, 16, 16, 16), 0.05, clean_logits=model(x))

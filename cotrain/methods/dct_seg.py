@@ -13,7 +13,8 @@
 
 ``diversity_every = n > 1`` (not in the paper; 1 by default) computes ``L_div`` on every n-th step
 only, with ``n lambda_div(t)``, so that its mean weight is unchanged and its cost divided by n.
-VAT's reference prediction ``f_i(x)`` is the step's own (no second clean forward pass), and
+VAT's reference prediction ``f_i(x)`` is the step's own (no second clean forward pass), so is
+FGSM's outside autocast (its gradient taken through the supervised pass), and
 ``L_div`` is not computed while its weight is 0 (the first ``div_rampup_start`` of a run).
 
 Departure from Algorithm 1 for k > 2: the supervised and agreement terms update all members
@@ -26,6 +27,7 @@ Warm starts carry the member-pair sampler's position and the ``diversity_every``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -90,18 +92,35 @@ class DCTSeg(CoTrainingMethod):
     def loss_terms(
         self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
     ) -> LossTerms:
-        supervised, labeled_logits = self.supervised_term(ensemble, batch)
+        diverse = not self.skipped(weights, "diversity")
+        # Outside autocast the supervised pass is float32: with its inputs requiring grad, its
+        # graph gives FGSM's gradient, saving FGSM's own forward pass (under AMP, FGSM runs
+        # its own float32 pass).
+        reuse = diverse and not torch.is_autocast_enabled(batch.labeled[0][0].device.type)
+        supervised_batch = batch
+        if reuse:
+            supervised_batch = dataclasses.replace(
+                batch,
+                labeled=[(x.detach().requires_grad_(True), y) for x, y in batch.labeled],
+            )
+        supervised, labeled_logits = self.supervised_term(ensemble, supervised_batch)
         unlabeled_inputs, unlabeled_logits, aligned_logits = self.unlabeled_predictions(
             ensemble, batch
         )
         i, j = self.pairs()  # drawn every step, so the pairs do not depend on the skipping
         self.steps += 1
-        if self.skipped(weights, "diversity"):
-            diversity = supervised.new_zeros(())
-        else:
+        if diverse:
             diversity = self._diversity(
-                ensemble, batch, (i, j), labeled_logits, unlabeled_inputs, unlabeled_logits
+                ensemble,
+                supervised_batch,
+                (i, j),
+                labeled_logits,
+                unlabeled_inputs,
+                unlabeled_logits,
+                reuse_labeled=reuse,
             )
+        else:
+            diversity = supervised.new_zeros(())
         terms = {
             "supervised": supervised,
             "agreement": jensen_shannon_agreement(
@@ -117,17 +136,20 @@ class DCTSeg(CoTrainingMethod):
         ensemble: Ensemble,
         batch: Batch,
         source: int,
+        labeled_logits: torch.Tensor | None,
         unlabeled_inputs: torch.Tensor,
         unlabeled_logits: torch.Tensor,
     ) -> torch.Tensor:
         """``g_source(x)``: source's labeled batch made adversarial by FGSM and its unlabeled
-        input by VAT, both against member ``source``, concatenated."""
+        input by VAT, both against member ``source``, concatenated. ``labeled_logits``: the
+        step's float32 prediction on that labeled batch (whose images require grad) for FGSM
+        to reuse, or ``None``."""
         p = self.params
         source_net = ensemble.members[source]
         images, targets = batch.labeled[source]
-        labeled_adv = images + fgsm_perturbation(source_net, images, targets, p.fgsm_epsilon).to(
-            images.dtype
-        )
+        labeled_adv = images.detach() + fgsm_perturbation(
+            source_net, images, targets, p.fgsm_epsilon, clean_logits=labeled_logits
+        ).to(images.dtype)
         unlabeled = unlabeled_inputs[source]
         unlabeled_adv = unlabeled + vat_perturbation(
             source_net,
@@ -147,6 +169,7 @@ class DCTSeg(CoTrainingMethod):
         labeled_logits: list[torch.Tensor],
         unlabeled_inputs: torch.Tensor,
         unlabeled_logits: torch.Tensor,
+        reuse_labeled: bool = False,
     ) -> torch.Tensor:
         """Both directions of the pair: ``KL(f_s(x) || f_o(g_s(x)))`` for ``(s, o) = (i, j)``
         and ``(j, i)``, over the source's labeled batch and its unlabeled input (both members
@@ -154,7 +177,14 @@ class DCTSeg(CoTrainingMethod):
         the adversarial inputs run as one ensemble call."""
         i, j = pair
         adversarial = [
-            self._adversarial_inputs(ensemble, batch, source, unlabeled_inputs, unlabeled_logits)
+            self._adversarial_inputs(
+                ensemble,
+                batch,
+                source,
+                labeled_logits[source] if reuse_labeled else None,
+                unlabeled_inputs,
+                unlabeled_logits,
+            )
             for source in (i, j)
         ]
         others_on_adversarial = ensemble.forward_each(adversarial, members=(j, i))
