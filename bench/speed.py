@@ -118,7 +118,8 @@ class Sizes:
     """What one run measures, and how often (the full sizes, or ``--quick``'s tiny ones).
 
     Attributes:
-        train: ``TrainConfig`` settings replacing the quick profile's recipe (none: the recipe).
+        profile: The quality benchmark's profile whose recipe and data the training steps use.
+        train: ``TrainConfig`` settings replacing the profile's recipe (none: the recipe).
         synthetic_shape: Shape of the synthetic training volumes (when there is no hippocampus
             data, or always with ``quick``).
         num_labeled: Labeled training cases each method's streams load.
@@ -136,6 +137,7 @@ class Sizes:
         server_calls: Timed infer calls through the server (after one warm-up call).
     """
 
+    profile: str = "quick"
     train: dict[str, Any] = field(default_factory=dict)
     synthetic_shape: tuple[int, int, int] = (36, 50, 35)
     num_labeled: int = 8
@@ -279,11 +281,15 @@ def reset_peak_rss() -> bool:
 
 
 # ------------------------------------------------------------------------------------ training
-def method_specs() -> list[str]:
+def method_specs(profile: str = "quick") -> list[str]:
     """Supervised first (every ratio's reference), then every other method, the tuned
     recipes, DCT-Seg's adversarial term amortised (``diversity_every``), and supervised and
     tuned DCT-Seg with the members stacked (``stack_members``: whether vectorising the members
-    pays on this device)."""
+    pays on this device). For another profile: supervised, then that profile's own methods
+    (``full``, supervised on more cases, steps as supervised does)."""
+    if profile != "quick":
+        methods = [m for m in PROFILES[profile].methods if m not in ("supervised", "full")]
+        return ["supervised", *methods]
     names = ["supervised", *(name for name in METHOD_CLASSES if name != "supervised")]
     return [
         *names,
@@ -298,7 +304,7 @@ def method_specs() -> list[str]:
 def training_cases(
     sizes: Sizes, work: Path
 ) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
-    """Labeled and unlabeled training cases: hippocampus if present, else synthetic.
+    """Labeled and unlabeled training cases: the profile's data if present, else synthetic.
 
     Args:
         sizes: How many cases, and the synthetic shape.
@@ -307,7 +313,7 @@ def training_cases(
     Returns:
         ``(labeled, unlabeled, source)``; ``source`` names the data.
     """
-    profile = PROFILES["quick"]
+    profile = PROFILES[sizes.profile]
     if sizes.use_shared_data and profile.data.is_dir():
         train = split_cases(profile)[2]
         labeled = train[: sizes.num_labeled]
@@ -318,7 +324,9 @@ def training_cases(
         return labeled, unlabeled, str(profile.data)
     root = work / "train"
     count = sizes.num_labeled + sizes.num_unlabeled
-    write_synthetic_msd(root, count, shape=sizes.synthetic_shape, num_classes=3)
+    write_synthetic_msd(
+        root, count, shape=sizes.synthetic_shape, num_classes=len(profile.labels) + 1
+    )
     cases = [
         {
             "image": str(root / "imagesTr" / f"case_{i:03d}.nii.gz"),
@@ -333,13 +341,13 @@ def training_cases(
 
 
 def spec_config(spec: str, sizes: Sizes) -> TrainConfig:
-    """The quick profile's recipe for one method spec (with ``sizes.train`` over it).
+    """The profile's recipe for one method spec (with ``sizes.train`` over it).
 
     Args:
         spec: A method spec (:func:`profiles.parse_method`).
-        sizes: The run's sizes.
+        sizes: The run's sizes (and the profile).
     """
-    profile = PROFILES["quick"]
+    profile = PROFILES[sizes.profile]
     profile = dataclasses.replace(profile, train={**profile.train, **sizes.train, "num_workers": 0})
     name, params = parse_method(spec)
     return train_config(profile, name, params, seed=0)
@@ -877,6 +885,26 @@ def target_lines(results: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def projected_run_lines(results: dict[str, Any]) -> list[str]:
+    """For a profile other than quick: each method's projected hours per run of the profile
+    (its training steps and their data, validation left out), one run at a time."""
+    iterations = results["settings"]["iterations_per_run"]
+    lines = [
+        "",
+        f"## Projected time per run ({iterations} iterations)",
+        "",
+        "(seconds per step + data seconds per step) x iterations; the validation passes and "
+        "the final evaluation come on top.",
+        "",
+        "| method | hours per run |",
+        "|---|---|",
+    ]
+    for row in results.get("training", []):
+        hours = (row["seconds_per_step"] + row["data_seconds_per_step"]) * iterations / 3600
+        lines.append(f"| {row['method']} | {hours:.1f} |")
+    return lines
+
+
 def _mb(value: float | None) -> str:
     """Megabytes in a table cell (``-`` when not measured)."""
     return "-" if value is None else f"{value:.0f}"
@@ -893,8 +921,11 @@ def markdown(results: dict[str, Any]) -> str:
         "after set-up: `ru_maxrss` is carried over `exec` from the parent); step = the peak "
         "minus the resident memory after set-up, total = the process's peak"
     )
+    profile = settings.get("profile", "quick")
     lines = [
-        f"# Speed: {machine['device']}{' (quick sizes)' if settings['quick'] else ''}"
+        f"# Speed: {machine['device']}"
+        + ("" if profile == "quick" else f", the {profile} profile's recipe")
+        + (" (quick sizes)" if settings["quick"] else "")
         + ("" if results.get("complete") else " (incomplete: the run stopped early)"),
         "",
         f"{machine['device_name']}, {machine['torch_threads']} torch thread(s), torch "
@@ -907,8 +938,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['batch_size']} labeled + {settings['unlabeled_batch_size']} unlabeled, UNet "
         f"{settings['train_channels']}, 2 members, progress {PROGRESS}. Median of "
         f"{settings['rounds']} rounds x {settings['steps']} steps after {settings['warmup']} "
-        f"warm-up steps, the methods interleaved. Memory ({settings['memory_steps']} steps): "
-        f"{memory_how}.",
+        "warm-up steps, the methods interleaved."
+        + (
+            f" Memory ({settings['memory_steps']} steps): {memory_how}."
+            if "memory" in results
+            else ""
+        ),
         "",
         "| method | s/step | x supervised | data s/step | step MB | total MB |",
         "|---|---|---|---|---|---|",
@@ -921,6 +956,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{row['ratio_to_supervised']:.2f} | {row['data_seconds_per_step']:.3f} | "
             f"{_mb(mem.get('step_mb'))} | {_mb(mem.get('total_mb'))} |"
         )
+    if profile != "quick":
+        return "\n".join(lines + projected_run_lines(results)) + "\n"
     lines += [
         "",
         "## Auto-segment and scoring",
@@ -1000,6 +1037,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU memory measurements run at the same time, each in its own process",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke test)")
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="quick",
+        help="the quality profile whose recipe and data the training steps use; another than "
+        "quick measures the training step only, with each run's projected hours",
+    )
     parser.add_argument("--no-server", action="store_true", help="skip the server round trip")
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser
@@ -1033,17 +1077,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = QUICK if args.quick else FULL
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, profile=args.profile)
+    training_only = args.profile != "quick"
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (1 if args.quick else 2)
     repeats = args.repeats or (2 if args.quick else 3)
-    specs = method_specs()
+    specs = method_specs(args.profile)
     reference = spec_config("supervised", sizes)
     results: dict[str, Any] = {
         "machine": machine_info(device, args.threads),
         "settings": {
             "quick": args.quick,
+            "profile": args.profile,
+            "iterations_per_run": reference.epochs * reference.iterations_per_epoch,
             "warmup": warmup,
             "rounds": rounds,
             "steps": steps,
@@ -1058,7 +1105,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.monotonic()
     args.output.mkdir(parents=True, exist_ok=True)
-    name = f"speed-{device.type}{'-quick' if args.quick else ''}"
+    name = f"speed-{device.type}{'' if args.profile == 'quick' else '-' + args.profile}"
+    name += "-quick" if args.quick else ""
 
     def save(complete: bool) -> str:
         """Write the JSON and the tables so far (after every part: a run stopped by a time
@@ -1080,6 +1128,11 @@ def main(argv: list[str] | None = None) -> int:
         results["training"] = time_training(
             specs, sizes, labeled, unlabeled, work, device, warmup, rounds, steps
         )
+        if training_only:
+            text = save(True)
+            print(text)
+            print(f"wrote {args.output / name}.json and .md ({results['seconds']} s)")
+            return 0
         save(False)
         logger.info("measuring memory")
         results["memory"] = memory_of_methods(

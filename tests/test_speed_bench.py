@@ -59,3 +59,35 @@ def test_speed_benchmark_quick_writes_every_method_and_member_count(tmp_path: Pa
 def test_gpu_check_script_is_valid_bash() -> None:
     done = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_speed_benchmark_projects_the_time_of_a_run_of_another_profile(tmp_path: Path) -> None:
+    """``--profile full`` times the left-atrium profile's own methods at its recipe (a
+    one-label task here: synthetic data with 2 classes) and projects each run's hours, so a
+    user knows what the GPU profile costs before starting it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, SPEED, "--quick", "--profile", "full", "--device", "cpu"]
+        + ["--output", tmp_path],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "speed-cpu-full-quick.json").read_text())
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profiles import PROFILES
+
+    full = PROFILES["full"]
+    expected = ["supervised"] + [m for m in full.methods if m not in ("supervised", "full")]
+    assert [row["method"] for row in results["training"]] == expected
+    assert "memory" not in results and "inference" not in results  # the training step only
+    iterations = full.train["epochs"] * full.train["iterations_per_epoch"]
+    assert results["settings"]["iterations_per_run"] == iterations
+    table = (tmp_path / "speed-cpu-full-quick.md").read_text()
+    for row in results["training"]:
+        hours = (row["seconds_per_step"] + row["data_seconds_per_step"]) * iterations / 3600
+        assert f"| {row['method']} | {hours:.1f} |" in table
