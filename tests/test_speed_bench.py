@@ -15,20 +15,25 @@ SPEED = ROOT / "bench" / "speed.py"
 GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
 
 
-def test_speed_benchmark_quick_writes_every_method_and_member_count(tmp_path: Path) -> None:
-    # Its own process, as the command line runs it (bench/ on the path because the script is
-    # there); one torch thread, as on the benchmark machine.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_speed(output: Path, *options: str) -> subprocess.CompletedProcess:
+    """bench/speed.py at its quick sizes on the CPU, writing to ``output``: in its own process,
+    as the command line runs it (bench/ on the path because the script is there), with one
+    torch thread, as on the benchmark machine."""
     done = subprocess.run(
-        [sys.executable, SPEED, "--quick", "--no-server", "--device", "cpu", "--output", tmp_path],
+        [sys.executable, SPEED, "--quick", "--device", "cpu", "--output", output, *options],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         encoding="utf-8",  # the machine's locale may be ASCII (CI)
         errors="replace",
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_speed_benchmark_quick_writes_every_method_and_member_count(tmp_path: Path) -> None:
+    done = run_speed(tmp_path, "--no-server")
     results = json.loads((tmp_path / "speed-cpu-quick.json").read_text())
 
     rows = {row["method"]: row for row in results["training"]}
@@ -65,18 +70,7 @@ def test_speed_benchmark_projects_the_time_of_a_run_of_another_profile(tmp_path:
     """``--profile full`` times the left-atrium profile's own methods at its recipe (a
     one-label task here: synthetic data with 2 classes) and projects each run's hours, so a
     user knows what the GPU profile costs before starting it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, SPEED, "--quick", "--profile", "full", "--device", "cpu"]
-        + ["--output", tmp_path],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        encoding="utf-8",
-        errors="replace",
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_speed(tmp_path, "--profile", "full")
     results = json.loads((tmp_path / "speed-cpu-full-quick.json").read_text())
     sys.path.insert(0, str(ROOT / "bench"))
     from profiles import PROFILES
