@@ -238,8 +238,12 @@ def model_payload(
     config: TrainConfig, ensemble: nn.Module, weights: dict[str, torch.Tensor], state: Any
 ) -> dict[str, Any]:
     """What ``model.pt`` holds: the run's configuration, the ensemble's spec and ``weights``,
-    the validation metrics and the epoch (``state`` is the engine's ``TrainState``)."""
+    the validation metrics, the epoch and ``trained_iterations``: the iterations trained by
+    this run and the runs it continued (``None`` when one of those did not record it; the
+    next retrain's ramps continue from it). ``state`` is the engine's ``TrainState``."""
+    before = state.trained_before
     return {
+        "trained_iterations": None if before is None else before + state.iterations_done,
         "config": config.to_dict(),
         "ensemble": {"spec": ensemble.spec, "state_dict": weights},
         "metrics": {

@@ -90,7 +90,12 @@ class TrainState:
         elapsed_s: Seconds since the run started.
         history: One dict per completed epoch: losses and metrics.
         continued: The run warm-started from a served model of the same method and carries
-            its method's state (a critic, EMA teachers); its ramps start complete.
+            its method's state (a critic, EMA teachers); its ramps continue (see
+            :meth:`Trainer.ramp_progress`).
+        trained_before: Iterations the continued model had been trained for, over the runs
+            that made it (0 for a fresh run; ``None``: a model published before it was
+            recorded).
+        iterations_done: Optimiser steps this run has taken.
     """
 
     epoch: int = 0
@@ -104,6 +109,8 @@ class TrainState:
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     continued: bool = False
+    trained_before: int | None = 0
+    iterations_done: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
@@ -327,9 +334,11 @@ class Trainer:
 
         Args:
             batch: The step's data.
-            progress: Fraction of the run done (the terms' ramps).
-            every_term: Compute every loss term, also those whose weight is 0 this step (they
-                add nothing to the gradient; the step then costs what a later one does).
+            progress: Fraction of the run done (the terms' ramps follow from it,
+                :meth:`ramp_progress`).
+            every_term: Compute every loss term that is on by the end of the run, also those
+                whose weight is still 0 this step (they add nothing to the gradient; the step
+                then costs what a later one does).
 
         Returns:
             The reported values.
@@ -337,10 +346,13 @@ class Trainer:
         self.ensemble.train()
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # A continued run (the method's state carried over) resumes with its ramps complete.
-        weights = self.method.loss_weights(1.0 if self.state.continued else progress)
+        weights = self.method.loss_weights(self.ramp_progress(progress))
+        work = weights
+        if every_term:  # each term's weight where its ramp will be at the end of the run
+            at_end = self.method.loss_weights(self.ramp_progress(1.0))
+            work = {name: max(w, at_end.get(name, w)) for name, w in weights.items()}
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            terms = self.method.loss_terms(self.ensemble, batch, None if every_term else weights)
+            terms = self.method.loss_terms(self.ensemble, batch, work)
         total = sum(weights[name] * term.float() for name, term in terms.items())
         if not torch.isfinite(total):
             values = {name: float(term.detach()) for name, term in terms.items()}
@@ -359,6 +371,24 @@ class Trainer:
         reported.update(extras)
         return reported
 
+    def ramp_progress(self, progress: float) -> float:
+        """Where the method's ramp-ups are (the ``progress`` of :meth:`loss_weights`) when
+        this run is ``progress`` of the way through.
+
+        A fresh run's ramps span ``max(T, N)`` iterations, ``T`` the run's planned length and
+        ``N`` = ``config.min_ramp_iterations``: ``progress`` itself when ``T >= N``. A run that
+        continues a model trained for ``B`` iterations (``TrainState.trained_before``) is at
+        ``(B + progress T) / max(B + T, N)``, capped at 1; with ``N = 0`` (or ``B`` unknown)
+        at 1, the ramps having been completed by the run that made the model.
+        """
+        c = self.config
+        before = self.state.trained_before if self.state.continued else 0
+        if self.state.continued and (c.min_ramp_iterations == 0 or before is None):
+            return 1.0
+        total = c.epochs * c.iterations_per_epoch
+        span = max(c.min_ramp_iterations, before + total)
+        return min(1.0, (before + progress * total) / span)
+
     def _train_epoch(self, epoch: int, streams: BatchStreams, start: float) -> None:
         sums: dict[str, float] = {}
         iteration = 0
@@ -369,13 +399,13 @@ class Trainer:
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
             batch = streams.next_batch()
-            # The steps a time budget is planned from do all of the method's work, also a
-            # term whose weight is still 0 (DCT-Seg's diversity in the first 10%): planned
-            # from cheaper steps, the run would stop well before its budget. (With DCT-Seg's
-            # diversity_every > 1 this prices every step at its dearest: a shorter plan, which
-            # the re-plans after each epoch correct.)
+            # The steps a time budget is planned from do the work of every term that is on by
+            # the end of the run, also a term whose weight is still 0 (DCT-Seg's diversity in
+            # the first 10%): planned from cheaper steps, the run would stop well before its
+            # budget. A term a short run never ramps up to (min_ramp_iterations) is not priced.
             probing = bool(c.time_budget_minutes) and epoch == 0 and iteration <= BUDGET_PROBE_STEPS
             reported = self.train_step(batch, progress, every_term=probing)
+            self.state.iterations_done += 1
             for name, value in reported.items():
                 sums[name] = sums.get(name, 0.0) + value
             iteration += 1
@@ -520,6 +550,8 @@ class Trainer:
             # Then what the served model's run left of the method's own state (a critic, EMA
             # teachers), when it was trained by the same method: the retrain continues it.
             self.state.continued = continue_method(payload, self.method, self.config.method)
+            if self.state.continued:
+                self.state.trained_before = payload.get("trained_iterations")
             self.lr_scheduler = self.build_lr_scheduler(self.optimizer, warm_started=True)
         return 0
 

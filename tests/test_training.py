@@ -234,6 +234,52 @@ def test_a_retrain_continues_the_critic_ramps_and_warms_up(synthetic_cases, tmp_
     assert not other.state.continued
 
 
+def test_short_runs_leave_the_ramps_part_way_and_the_retrain_continues_them(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """With ``min_ramp_iterations`` N, a first training of 4 iterations is 4/N of the way up
+    its ramps (members trained a few steps are not yet pushed to agree), its model records the
+    4 iterations, and the retrain that continues it goes on from 4/N instead of starting at
+    full weight; a run of at least N iterations ramps over its own length, as before."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(method="jsd", epochs=1, iterations_per_epoch=4, min_ramp_iterations=40)
+    first_steps = Recorder()
+    first = Trainer(config, labeled, unlabeled, tmp_path / "first", callbacks=[first_steps])
+    first.fit()
+    full = first.method.params.lambda_cot
+    last = first_steps.iterations[-1].losses["weight/agreement"]
+    assert last == pytest.approx(first.method.loss_weights(3 / 40)["agreement"])
+    assert last < 0.2 * full
+    assert load_file(tmp_path / "first" / MODEL_FILE)["trained_iterations"] == 4
+
+    retrain_steps = Recorder()
+    retrain = Trainer(
+        config,
+        labeled,
+        unlabeled,
+        tmp_path / "second",
+        callbacks=[retrain_steps],
+        init_model=tmp_path / "first" / MODEL_FILE,
+    )
+    retrain.fit()
+    assert retrain.state.continued and retrain.state.trained_before == 4
+    weights = [s.losses["weight/agreement"] for s in retrain_steps.iterations]
+    assert weights[0] == pytest.approx(first.method.loss_weights(4 / 40)["agreement"])
+    assert weights == sorted(weights) and weights[-1] < full
+    assert load_file(tmp_path / "second" / MODEL_FILE)["trained_iterations"] == 8
+
+    long_run = Trainer(
+        tiny_config(method="jsd", epochs=10, iterations_per_epoch=4, min_ramp_iterations=40),
+        labeled,
+        unlabeled,
+        tmp_path / "long",
+    )
+    long_run.setup()
+    assert [long_run.ramp_progress(p) for p in (0.0, 0.25, 1.0)] == [0.0, 0.25, 1.0]
+    with pytest.raises(ValueError, match="min_ramp_iterations"):
+        tiny_config(min_ramp_iterations=-1)
+
+
 class Explode(TrainCallback):
     """Corrupts the members after the first iteration so that the next loss is NaN."""
 
@@ -447,6 +493,36 @@ def test_the_budget_is_planned_from_steps_that_do_every_terms_work(
         trainer.fit()
     assert calls[: BUDGET_PROBE_STEPS + 1] == [True] * (BUDGET_PROBE_STEPS + 1)
     assert not any(calls[BUDGET_PROBE_STEPS + 1 :])
+
+
+def test_the_budget_is_not_planned_with_a_term_the_run_never_ramps_up_to(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """With ``min_ramp_iterations`` far beyond the run, DCT-Seg's diversity term (it starts at
+    10% of the ramps' span) stays off for the whole run: the probe steps leave it out too,
+    rather than planning a shorter run for work it will never do."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(
+        method="dct_seg",
+        epochs=10,
+        iterations_per_epoch=30,
+        time_budget_minutes=0.5,
+        min_ramp_iterations=100_000,
+    )
+    recorder = Recorder()
+    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
+    original = trainer.train_step
+
+    def stopping(batch, progress, every_term=False):
+        if len(recorder.iterations) == BUDGET_PROBE_STEPS + 2:
+            trainer.request_stop()
+        return original(batch, progress, every_term)
+
+    trainer.train_step = stopping  # type: ignore[method-assign]
+    with pytest.raises(TrainingStopped):
+        trainer.fit()
+    probes = recorder.iterations[: BUDGET_PROBE_STEPS + 1]
+    assert all(s.losses["diversity"] == 0.0 and s.losses["agreement"] > 0 for s in probes)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ class DCTSegModel(CoTrainTaskConfig):
     +0.34 with the paper's settings (``bench/results/quick-1000it.md``). Like every served
     model it trains with nnU-Net's augmentation (:data:`cotrain.config.SERVED_RECIPE`). The
     paper's: ``--conf perturb_unlabeled false --conf method_params '{"agreement_focus":0}'
-    --conf augmentation flip``.
+    --conf augmentation flip --conf min_ramp_iterations 0``.
     """
 
     method = "dct_seg"

@@ -17,7 +17,8 @@ class DuoSegNetModel(CoTrainTaskConfig):
     training (one seed of five lost 0.56), against +0.53 with the paper's settings (2 seeds;
     ``bench/results/quick-1000it.md``). Like every served model it trains with nnU-Net's
     augmentation (:data:`cotrain.config.SERVED_RECIPE`). The paper's: ``--conf
-    perturb_unlabeled false --conf method_params '{"lambda_u":0.3}' --conf augmentation flip``.
+    perturb_unlabeled false --conf method_params '{"lambda_u":0.3}' --conf augmentation flip
+    --conf min_ramp_iterations 0``.
     """
 
     method = "duo_segnet"
