@@ -36,6 +36,12 @@ name), the torch threads and version, the date and the command line.
     python bench/speed.py --no-server                       # CPU: one torch thread, as the benchmark machine
     python bench/speed.py --device cuda --no-server         # a GPU
     python bench/speed.py --quick --no-server --device cpu  # tiny sizes, under 30 s (the CI smoke test)
+    python bench/speed.py --profile full --warmup 1 --rounds 2 --steps 1  # what a left-atrium run costs
+
+``--profile NAME`` (default ``quick``) takes the training recipe and data of another quality
+profile (``bench/profiles.py``) and that profile's own methods, measures the training step only
+and adds each run's projected hours (seconds per step and per batch, times the profile's
+iterations): ``speed-DEVICE-NAME.{json,md}``.
 
 ``--threads N`` sets the torch threads (1 by default, so that every ratio is measured at one
 thread each); ``--warmup``, ``--rounds``, ``--steps`` and ``--repeats`` set how many samples
