@@ -164,16 +164,23 @@ def test_the_baseline_takes_the_shared_settings_it_can_use() -> None:
 
 def test_every_served_model_trains_with_the_same_strong_recipe() -> None:
     """The co-training models and the baseline are served with nnU-Net's augmentation, so the
-    baseline is as strong as they are; --conf augmentation flip gives the papers' recipe."""
+    baseline is as strong as they are, and with ramps over at least 1000 iterations of a
+    model's life; --conf augmentation flip --conf min_ramp_iterations 0 gives the papers'
+    recipe."""
     from lib.configs import DuoSegNetModel, SupervisedModel
 
     for model in (DCTSegModel, DuoSegNetModel, SupervisedModel):
         served = parse_model_settings({}, model.method, model.method, model.defaults)
         assert served.train_config.augmentation == "strong", model.method
-        flip = parse_model_settings(
-            {"augmentation": "flip"}, model.method, model.method, model.defaults
+        assert served.train_config.min_ramp_iterations == 1000, model.method
+        papers = parse_model_settings(
+            {"augmentation": "flip", "min_ramp_iterations": "0"},
+            model.method,
+            model.method,
+            model.defaults,
         )
-        assert flip.train_config.augmentation == "flip"
+        assert papers.train_config.augmentation == "flip"
+        assert papers.train_config.min_ramp_iterations == 0
     dct = parse_model_settings({}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
     assert dct.train_config.method_params == {"agreement_focus": 0.5}
 
