@@ -289,7 +289,8 @@ def reset_peak_rss() -> bool:
 # ------------------------------------------------------------------------------------ training
 def method_specs(profile: str = "quick") -> list[str]:
     """Supervised first (every ratio's reference), then every other method, the tuned
-    recipes, DCT-Seg's adversarial term amortised (``diversity_every``), and supervised and
+    recipes, DCT-Seg's adversarial term amortised (``diversity_every``), both with the
+    copy-paste term (``lambda_mix``, with and without the amortisation), and supervised and
     tuned DCT-Seg with the members stacked (``stack_members``: whether vectorising the members
     pays on this device). For another profile: supervised, then that profile's own methods
     (``full``, supervised on more cases, steps as supervised does)."""
@@ -302,6 +303,9 @@ def method_specs(profile: str = "quick") -> list[str]:
         TUNED_DCT_SEG,
         TUNED_DUO_SEGNET,
         f"{TUNED_DCT_SEG},diversity_every=2",
+        f"{TUNED_DCT_SEG},lambda_mix=1.0",
+        f"{TUNED_DCT_SEG},lambda_mix=1.0,diversity_every=4",
+        f"{TUNED_DUO_SEGNET},lambda_mix=1.0",
         "supervised:stack_members=true",
         f"{TUNED_DCT_SEG},stack_members=true",
     ]
