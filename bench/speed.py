@@ -1129,6 +1129,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.output / f"{name}.md").write_text(text)
         return text
 
+    def finish() -> int:
+        """Write the complete results and print the tables."""
+        print(save(True))
+        print(f"wrote {args.output / name}.json and .md ({results['seconds']} s)")
+        return 0
+
     with tempfile.TemporaryDirectory(prefix="cotrain-speed-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         labeled, unlabeled, source = training_cases(sizes, work)
@@ -1139,10 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
             specs, sizes, labeled, unlabeled, work, device, warmup, rounds, steps
         )
         if training_only:
-            text = save(True)
-            print(text)
-            print(f"wrote {args.output / name}.json and .md ({results['seconds']} s)")
-            return 0
+            return finish()
         save(False)
         logger.info("measuring memory")
         results["memory"] = memory_of_methods(
@@ -1176,10 +1179,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["server"]["image"] = (
                     f"the MR-sized volume ({results['volumes']['mr']['source']})"
                 )
-    text = save(True)
-    print(text)
-    print(f"wrote {args.output / name}.json and .md ({results['seconds']} s)")
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

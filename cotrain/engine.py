@@ -382,7 +382,7 @@ class Trainer:
         at 1, the ramps having been completed by the run that made the model.
         """
         c = self.config
-        before = self.state.trained_before if self.state.continued else 0
+        before = self.state.trained_before  # 0 unless the run continues a model
         if self.state.continued and (c.min_ramp_iterations == 0 or before is None):
             return 1.0
         total = c.epochs * c.iterations_per_epoch
