@@ -284,7 +284,8 @@ def plan_runs(
 
     Every method runs at every label count and seed of the profile, except ``full``, which
     runs once per seed, with every training case labeled, when the profile's last label count
-    comes (the targets are at the smallest label count, so those runs come first).
+    comes. The targets are at the smallest label count, so all its seeds come first: a
+    benchmark stopped part-way has the target rows complete before any other.
 
     Args:
         profile: The benchmark setting (its label counts and seeds).
@@ -298,8 +299,8 @@ def plan_runs(
     methods, done = list(methods), set(done)
     plan = [
         (method, num_train if method == "full" else count, seed)
-        for seed in profile.seeds
         for count in profile.label_counts
+        for seed in profile.seeds
         for method in methods
         if method != "full" or count == profile.label_counts[-1]
     ]

@@ -37,6 +37,27 @@ def test_tuning_never_touches_the_test_split(tmp_path: Path) -> None:
     assert names(tuning_train) | names(tuning_test) == names(train)
 
 
+def test_the_plan_runs_every_seed_at_the_target_label_count_first() -> None:
+    profile = profiles.Profile(
+        data=Path("unused"),
+        num_test=5,
+        label_counts=[8, 15],
+        labels={"organ": 1},
+        train={},
+        seeds=[0, 1, 2],
+    )
+    done = [("supervised", 8, 0)]
+    plan = runner.plan_runs(profile, ["supervised", "dct_seg", "full"], 150, done)
+
+    # A benchmark stopped part-way has the target rows (the fewest labels, every seed) first.
+    counts = [count for _, count, _ in plan]
+    assert counts[:5] == [8] * 5 and ("supervised", 8, 0) not in plan
+    assert [seed for _, count, seed in plan if count == 8] == [0, 1, 1, 2, 2]
+    # Full supervision runs once per seed, after the label counts it is compared with.
+    assert [run for run in plan if run[0] == "full"] == [("full", 150, s) for s in (0, 1, 2)]
+    assert plan.index(("full", 150, 0)) > plan.index(("dct_seg", 8, 2))
+
+
 def test_method_spec_sets_method_and_run_settings() -> None:
     profile = profiles.PROFILES["quick"]
     name, params = profiles.parse_method("duo_segnet:perturb_unlabeled=true,lambda_u=1.0")

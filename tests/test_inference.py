@@ -8,9 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from cotrain.config import TrainConfig
-from cotrain.inference import EnsemblePredictor, soft_vote
+from cotrain.inference import EnsemblePredictor, invert_axis_aligned_resampling, soft_vote
 from cotrain.networks import Ensemble
 from tests.conftest import TINY_NETWORK
 
@@ -65,6 +66,63 @@ def test_labels_equal_the_argmax_of_every_inverted_probability(labels, tmp_path:
     np.testing.assert_array_equal(prediction.member_labels, member_labels)
     assert prediction.uncertainty.shape == (64, 60, 20)
     assert (prediction.uncertainty >= -1e-6).all()
+
+
+def _monai_inverse(predictor: EnsemblePredictor, channels: torch.Tensor, image) -> torch.Tensor:
+    """The channels back through MONAI's own inverse of every preprocessing step."""
+    stacked = MetaTensor(channels, meta=image.meta, applied_operations=image.applied_operations)
+    return predictor._preprocess.inverse({"image": stacked})["image"].as_tensor()
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([0.8, 0.8, 2.5, 1.0]),  # RAS, origin 0
+        np.array([[-0.7, 0, 0, 90.0], [0, -0.9, 0, 120.3], [0, 0, 3.0, -41.7], [0, 0, 0, 1]]),
+        np.array([[0, 0, 2.5, 10.0], [0.8, 0, 0, -3.3], [0, -0.8, 0, 55.0], [0, 0, 0, 1]]),
+        np.array(  # oblique: 20 degrees about the z axis
+            [[0.752, -0.274, 0, 0], [0.274, 0.752, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]]
+        ),
+    ],
+    ids=["ras", "lps-with-origin", "axes-permuted", "oblique"],
+)
+def test_the_inversion_to_the_image_grid_equals_monais(affine: np.ndarray, tmp_path: Path) -> None:
+    """The resampling back from the model's spacing, done without MONAI's dense grid, gives
+    MONAI's values (float32 rounding) and its labels, whatever the image's axis order, origin
+    and direction (``Spacing`` keeps the directions, so its grids differ per axis only)."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 200, (37, 29, 11)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "ct.nii.gz"))
+    predictor = _predictor({"liver": 1, "tumour": 2})
+    image = predictor.load_image(tmp_path / "ct.nii.gz")
+    channels = torch.softmax(torch.randn(3, *image.shape[1:]) * 4, 0)
+
+    assert (
+        invert_axis_aligned_resampling(
+            MetaTensor(channels, meta=image.meta, applied_operations=list(image.applied_operations))
+        )
+        is not None
+    )  # the fast path ran
+    fast = predictor._to_image_grid(channels, image)
+    reference = _monai_inverse(predictor, channels, image)
+    assert fast.shape == reference.shape == (3, 37, 29, 11)
+    torch.testing.assert_close(fast, reference.float(), atol=1e-4, rtol=0)
+    assert (fast.argmax(0) != reference.argmax(0)).float().mean() < 1e-3
+
+
+def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> None:
+    image_path = _ct_like(tmp_path / "ct.nii.gz")
+    predictor = _predictor({"organ": 1})
+    image = predictor.load_image(image_path)
+    image.applied_operations[-1]["extra_info"]["mode"] = "nearest"  # as if labels were resampled
+    channels = torch.rand(1, *image.shape[1:])
+
+    stacked = MetaTensor(
+        channels, meta=image.meta, applied_operations=list(image.applied_operations)
+    )
+    assert invert_axis_aligned_resampling(stacked) is None
+    restored = predictor._to_image_grid(channels, image)
+    torch.testing.assert_close(restored, _monai_inverse(predictor, channels, image).float())
 
 
 def test_uncertainty_is_computed_only_when_asked(tmp_path: Path) -> None:
