@@ -113,6 +113,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROGRESS = 0.5
 
 #: The targets of the issue this benchmark serves.
+#: What one run can measure (``--parts``), in the order it measures them.
+PARTS = ("training", "memory", "inference", "server")
 STEP_TARGETS = {"dct_seg": (3.0, 2.5), "duo_segnet": (1.8, None)}
 END_TO_END_TARGET = 1.25  # k = 2 end to end / network, CT-sized volume
 SCORING_TARGET = 1.1  # scoring / (preprocessing + network), CT-sized volume
@@ -920,8 +922,8 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The tables of a run (of the parts measured so far), with the machine and the targets."""
+def training_lines(results: dict[str, Any]) -> list[str]:
+    """The training step's table (with each method's memory when measured)."""
     machine, settings = results["machine"], results["settings"]
     memory_how = (
         "each method alone, `torch.cuda.max_memory_allocated`; step = the peak minus what is "
@@ -931,16 +933,7 @@ def markdown(results: dict[str, Any]) -> str:
         "after set-up: `ru_maxrss` is carried over `exec` from the parent); step = the peak "
         "minus the resident memory after set-up, total = the process's peak"
     )
-    profile = settings.get("profile", "quick")
     lines = [
-        f"# Speed: {machine['device']}"
-        + ("" if profile == "quick" else f", the {profile} profile's recipe")
-        + (" (quick sizes)" if settings["quick"] else "")
-        + ("" if results.get("complete") else " (incomplete: the run stopped early)"),
-        "",
-        f"{machine['device_name']}, {machine['torch_threads']} torch thread(s), torch "
-        f"{machine['torch']}, {machine['date']}.",
-        f"Command: `{machine['command']}`",
         "",
         "## Training step",
         "",
@@ -966,9 +959,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"{row['ratio_to_supervised']:.2f} | {row['data_seconds_per_step']:.3f} | "
             f"{_mb(mem.get('step_mb'))} | {_mb(mem.get('total_mb'))} |"
         )
-    if profile != "quick":
-        return "\n".join(lines + projected_run_lines(results)) + "\n"
-    lines += [
+    return lines
+
+
+def inference_lines(results: dict[str, Any]) -> list[str]:
+    """Auto-segment and scoring per volume and k, with the network's share."""
+    settings = results["settings"]
+    lines = [
         "",
         "## Auto-segment and scoring",
         "",
@@ -995,8 +992,34 @@ def markdown(results: dict[str, Any]) -> str:
             f"{row['preprocessing_s']:.3f} | {row['network_s']:.3f} | {row['scoring_s']:.3f} | "
             f"{row['end_to_end_over_network']} | {row['scoring_over_preprocessing_and_network']} |"
         )
-    lines += ["", "## Server round trip", ""]
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of a run (of the parts measured so far), with the machine and the targets."""
+    machine, settings = results["machine"], results["settings"]
+    profile = settings.get("profile", "quick")
+    lines = [
+        f"# Speed: {machine['device']}"
+        + ("" if profile == "quick" else f", the {profile} profile's recipe")
+        + (" (quick sizes)" if settings["quick"] else "")
+        + ("" if results.get("complete") else " (incomplete: the run stopped early)"),
+        "",
+        f"{machine['device_name']}, {machine['torch_threads']} torch thread(s), torch "
+        f"{machine['torch']}, {machine['date']}.",
+        f"Command: `{machine['command']}`",
+    ]
+    parts = settings.get("parts", list(PARTS))
+    if "training" in parts or "memory" in parts:
+        lines += training_lines(results)
+    if profile != "quick":
+        return "\n".join(lines + projected_run_lines(results)) + "\n"
+    if "inference" in parts:
+        lines += inference_lines(results)
     server = results.get("server")
+    if server is not None and server.get("skipped") == "--parts":
+        return "\n".join(lines + target_markdown(results)) + "\n"
+    lines += ["", "## Server round trip", ""]
     if server is None:
         lines.append("Not measured (the run stopped before).")
     elif "skipped" in server:
@@ -1014,8 +1037,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {server['client_infer_s']:.3f} | {server['server_reported_total_s']:.3f} | "
             f"{server['library_predict_file_s']:.3f} | {server['client_over_library']} |",
         ]
-    lines += ["", "## Targets", ""]
-    if settings["quick"]:
+    return "\n".join(lines + target_markdown(results)) + "\n"
+
+
+def target_markdown(results: dict[str, Any]) -> list[str]:
+    """The targets section: each target met or missed, by its value."""
+    lines = ["", "## Targets", ""]
+    if results["settings"]["quick"]:
         lines += ["Quick sizes: not the targets' setting; shown to check the report only.", ""]
     for target in results.get("targets", []):
         met = "met" if target["met"] else "MISSED"
@@ -1025,7 +1053,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f" (stretch {target['stretch']}x: {'met' if target['stretch_met'] else 'missed'})"
             )
         lines.append(f"- {target['target']}: {target['value']} -> {met}{stretch}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ------------------------------------------------------------------------------------ command
@@ -1055,6 +1083,14 @@ def build_parser() -> argparse.ArgumentParser:
         "quick measures the training step only, with each run's projected hours",
     )
     parser.add_argument("--no-server", action="store_true", help="skip the server round trip")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="measure only these (default: all); the files are then named after them, "
+        "e.g. speed-cpu-inference.md, so a part re-measured after a change keeps the others",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser
 
@@ -1089,6 +1125,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = dataclasses.replace(QUICK if args.quick else FULL, profile=args.profile)
     training_only = args.profile != "quick"
+    if training_only and args.parts != list(PARTS) and args.parts != ["training"]:
+        parser.error(f"--profile {args.profile} measures the training step only")
+    parts = ["training"] if training_only else [p for p in PARTS if p in args.parts]
+    if args.no_server and "server" in parts:
+        parts.remove("server")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (1 if args.quick else 2)
@@ -1100,6 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "quick": args.quick,
             "profile": args.profile,
+            "parts": parts,
             "iterations_per_run": reference.epochs * reference.iterations_per_epoch,
             "warmup": warmup,
             "rounds": rounds,
@@ -1116,6 +1158,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args.output.mkdir(parents=True, exist_ok=True)
     name = f"speed-{device.type}{'' if args.profile == 'quick' else '-' + args.profile}"
+    skipped = {"server"} if args.no_server else set()
+    if not training_only and set(parts) | skipped != set(PARTS):
+        name += "-" + "-".join(parts)
     name += "-quick" if args.quick else ""
 
     def save(complete: bool) -> str:
@@ -1137,35 +1182,41 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cotrain-speed-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
-        labeled, unlabeled, source = training_cases(sizes, work)
-        results["training_data"] = (
-            f"{source}, {len(labeled)} labeled + {len(unlabeled)} unlabeled cases"
-        )
-        results["training"] = time_training(
-            specs, sizes, labeled, unlabeled, work, device, warmup, rounds, steps
-        )
-        if training_only:
+        if "training" in parts or "memory" in parts:
+            labeled, unlabeled, source = training_cases(sizes, work)
+            results["training_data"] = (
+                f"{source}, {len(labeled)} labeled + {len(unlabeled)} unlabeled cases"
+            )
+        if "training" in parts:
+            results["training"] = time_training(
+                specs, sizes, labeled, unlabeled, work, device, warmup, rounds, steps
+            )
+            save(False)
+        if "memory" in parts:
+            logger.info("measuring memory")
+            results["memory"] = memory_of_methods(
+                specs, sizes, labeled, unlabeled, work, device, args.threads, args.memory_workers
+            )
+            save(False)
+        if "inference" not in parts and "server" not in parts:
             return finish()
-        save(False)
-        logger.info("measuring memory")
-        results["memory"] = memory_of_methods(
-            specs, sizes, labeled, unlabeled, work, device, args.threads, args.memory_workers
-        )
-        save(False)
-        results["inference"], results["volumes"] = [], {}
+        results["volumes"] = {}
         volumes = inference_volumes(sizes, work)
+        if "inference" in parts:
+            results["inference"] = []
         for volume, path, config, description in volumes:
             description["model"] = (
                 f"roi {list(config.roi_size)}, spacing {config.target_spacing}, "
                 f"{config.intensity}, UNet {config.network['channels']}"
             )
             results["volumes"][volume] = description
-            results["inference"] += time_inference(
-                volume, path, config, sizes.members, device, repeats
-            )
-            save(False)
-        if args.no_server:
-            results["server"] = {"skipped": "--no-server"}
+            if "inference" in parts:
+                results["inference"] += time_inference(
+                    volume, path, config, sizes.members, device, repeats
+                )
+                save(False)
+        if "server" not in parts:
+            results["server"] = {"skipped": "--no-server" if args.no_server else "--parts"}
         else:
             _, mr_path, mr_config, _ = next(v for v in volumes if v[0] == "mr")
             results["server"] = server_round_trip(

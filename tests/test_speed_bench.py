@@ -85,3 +85,18 @@ def test_speed_benchmark_projects_the_time_of_a_run_of_another_profile(tmp_path:
     for row in results["training"]:
         hours = (row["seconds_per_step"] + row["data_seconds_per_step"]) * iterations / 3600
         assert f"| {row['method']} | {hours:.1f} |" in table
+
+
+def test_speed_benchmark_re_measures_one_part_into_its_own_file(tmp_path: Path) -> None:
+    """``--parts inference`` times auto-segment and scoring alone and names its files after
+    the part, so the committed full run's other tables stay as they were measured."""
+    done = run_speed(tmp_path, "--parts", "inference")
+    results = json.loads((tmp_path / "speed-cpu-inference-quick.json").read_text())
+    assert not (tmp_path / "speed-cpu-quick.json").exists()
+
+    assert "training" not in results and "memory" not in results
+    assert {(row["volume"], row["k"]) for row in results["inference"]} >= {("ct", 2), ("mr", 1)}
+    assert results["server"] == {"skipped": "--parts"}
+    text = (tmp_path / "speed-cpu-inference-quick.md").read_text()
+    assert "## Auto-segment and scoring" in text and "## Training step" not in text
+    assert "CT-sized, k=2: end to end" in done.stdout
