@@ -62,6 +62,7 @@ import gc
 import json
 import logging
 import multiprocessing
+import os
 import platform
 import resource
 import shlex
@@ -254,6 +255,9 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
+        # How busy the machine was when the run started (other jobs slow every part alike
+        # only roughly: read the ratios of a busy run with care).
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -1006,7 +1010,12 @@ def markdown(results: dict[str, Any]) -> str:
         + ("" if results.get("complete") else " (incomplete: the run stopped early)"),
         "",
         f"{machine['device_name']}, {machine['torch_threads']} torch thread(s), torch "
-        f"{machine['torch']}, {machine['date']}.",
+        f"{machine['torch']}, {machine['date']}"
+        + (
+            f", load average {machine['load_average_1min']} at the start."
+            if "load_average_1min" in machine
+            else "."
+        ),
         f"Command: `{machine['command']}`",
     ]
     parts = settings.get("parts", list(PARTS))
