@@ -156,9 +156,8 @@ def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tens
     best = 1.0 - foreground.sum(dim=dim)
     labels = torch.zeros(best.shape, dtype=torch.uint8)
     for c, probability in enumerate(foreground.unbind(dim), start=1):
-        better = probability > best
-        labels[better] = c
-        best = torch.where(better, probability, best)
+        labels.masked_fill_(probability > best, c)  # in place: no index gather
+        torch.maximum(best, probability, out=best)
     return labels
 
 

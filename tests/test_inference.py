@@ -11,7 +11,12 @@ import torch
 from monai.data import MetaTensor
 
 from cotrain.config import TrainConfig
-from cotrain.inference import EnsemblePredictor, invert_axis_aligned_resampling, soft_vote
+from cotrain.inference import (
+    EnsemblePredictor,
+    invert_axis_aligned_resampling,
+    labels_from_foreground,
+    soft_vote,
+)
 from cotrain.networks import Ensemble
 from tests.conftest import TINY_NETWORK
 
@@ -123,6 +128,20 @@ def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> 
     assert invert_axis_aligned_resampling(stacked) is None
     restored = predictor._to_image_grid(channels, image)
     torch.testing.assert_close(restored, _monai_inverse(predictor, channels, image).float())
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_the_label_is_the_argmax_with_the_background_ties_to_the_lower_class(dim: int) -> None:
+    probabilities = torch.softmax(torch.randn(2, 4, 6, 5, 3) * 3, dim=1)  # (members, classes, ...)
+    probabilities[:, :, 0, 0, 0] = 0.25  # a four-way tie: background wins
+    probabilities[:, :, 1, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.3])  # class 1 wins
+    foreground = probabilities[:, 1:] if dim == 1 else probabilities[0, 1:]
+    expected = probabilities.argmax(1) if dim == 1 else probabilities[0].argmax(0)
+
+    labels = labels_from_foreground(foreground, dim=dim)
+    assert labels.dtype == torch.uint8
+    assert torch.equal(labels.long(), expected)
+    assert (expected == 0).any() and (expected == 3).any()
 
 
 def test_uncertainty_is_computed_only_when_asked(tmp_path: Path) -> None:
