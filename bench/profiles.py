@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from cotrain.config import TUNED_SETTINGS, TrainConfig
+from cotrain.config import SERVED_RECIPE, TUNED_SETTINGS, TrainConfig
 from cotrain.data import list_msd_cases
 from cotrain.methods import METHOD_CLASSES
 
@@ -28,7 +28,10 @@ logger = logging.getLogger("bench.profiles")
 __all__ = [
     "DEFAULT_METHODS",
     "PROFILES",
+    "SERVED_DCT_SEG",
+    "SERVED_DUO_SEGNET",
     "SHARED_DATA",
+    "STRONG_SUPERVISED",
     "TUNED_DCT_SEG",
     "TUNED_DUO_SEGNET",
     "Case",
@@ -37,6 +40,7 @@ __all__ = [
     "check_method_spec",
     "method_spec",
     "parse_method",
+    "served_spec",
     "split_cases",
     "train_config",
 ]
@@ -69,16 +73,34 @@ def method_spec(method: str, settings: dict[str, Any]) -> str:
     return f"{method}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in flat.items())
 
 
-# The recipes chosen with --tune (bench/results/quick-tune-1000it.md), which the app serves.
-TUNED_DCT_SEG = method_spec("dct_seg", TUNED_SETTINGS["dct_seg"])
-TUNED_DUO_SEGNET = method_spec("duo_segnet", TUNED_SETTINGS["duo_segnet"])
-#: Every method; the co-training papers both as published and as tuned.
+def served_spec(method: str) -> str:
+    """The spec of the recipe the app serves a co-training method with: the recipe of every
+    served model (``SERVED_RECIPE``), then the method's ``TUNED_SETTINGS``.
+
+    Args:
+        method: ``"dct_seg"`` or ``"duo_segnet"``.
+    """
+    return method_spec(method, {**SERVED_RECIPE, **TUNED_SETTINGS[method]})
+
+
+# The recipes chosen with --tune in 1000-iteration runs with flips as the only augmentation
+# (bench/results/quick-tune-1000it.md), the names of their rows in quick-1000it.md.
+TUNED_DCT_SEG = "dct_seg:perturb_unlabeled=true,agreement_focus=0.5"
+TUNED_DUO_SEGNET = "duo_segnet:perturb_unlabeled=true,lambda_u=1.5"
+# What the app serves, and the baseline it is measured against (the same augmentation).
+SERVED_DCT_SEG = served_spec("dct_seg")
+SERVED_DUO_SEGNET = served_spec("duo_segnet")
+STRONG_SUPERVISED = method_spec("supervised", {"augmentation": SERVED_RECIPE["augmentation"]})
+#: Every method; the co-training papers as published, as tuned and as served.
 DEFAULT_METHODS = [
     "supervised",
+    STRONG_SUPERVISED,
     "dct_seg",
     TUNED_DCT_SEG,
+    SERVED_DCT_SEG,
     "duo_segnet",
     TUNED_DUO_SEGNET,
+    SERVED_DUO_SEGNET,
     "jsd",
     "mean_teacher",
     "cps",
@@ -161,7 +183,7 @@ PROFILES: dict[str, Profile] = {
             "network": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 1]},
             "val_interval": 5,
         },
-        methods=["supervised", TUNED_DCT_SEG, TUNED_DUO_SEGNET, "full"],
+        methods=["supervised", SERVED_DCT_SEG, SERVED_DUO_SEGNET, "full"],
         targets={8: (89.62, 1.5), 16: (91.26, 1.5)},
     ),
 }

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['method']} labeled={row['labeled']} seed={row['seed']}: vote Dice {row['vote_dice']:.4f}, members {row['member_dice']:.4f}, {row['seconds_per_iteration']} s/it"
         )
         append_row(results_file, row)
-        rows.append(row)
+        rows = read_rows(results_file)  # with the rows of other runs writing to the same file
         summarise(rows, args.output, name, profile.targets, setting)
     if rows:
         summarise(rows, args.output, name, profile.targets, setting)

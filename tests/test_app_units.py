@@ -98,17 +98,20 @@ def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
             conf, "dct_seg", DCTSegModel.method, DCTSegModel.defaults
         ).train_config
 
+    tuned = {"agreement_focus": 0.5, "lambda_mix": 1.0}
     default = served({})
     assert default.perturb_unlabeled is True
-    assert default.method_params == {"agreement_focus": 0.5}
+    assert default.method_params == tuned
 
     changed = served({"method_params": '{"lambda_cot":1.0}'})
-    assert changed.method_params == {"agreement_focus": 0.5, "lambda_cot": 1.0}
-    assert DCTSegModel.defaults["method_params"] == {"agreement_focus": 0.5}  # not mutated
+    assert changed.method_params == {**tuned, "lambda_cot": 1.0}
+    assert DCTSegModel.defaults["method_params"] == tuned  # not mutated
 
-    paper = served({"perturb_unlabeled": "false", "method_params": '{"agreement_focus":0}'})
+    paper = served(
+        {"perturb_unlabeled": "false", "method_params": '{"agreement_focus":0,"lambda_mix":0}'}
+    )
     assert paper.perturb_unlabeled is False
-    assert paper.method_params == {"agreement_focus": 0}
+    assert paper.method_params == {"agreement_focus": 0, "lambda_mix": 0}
 
 
 @pytest.mark.parametrize(
@@ -182,7 +185,7 @@ def test_every_served_model_trains_with_the_same_strong_recipe() -> None:
         assert papers.train_config.augmentation == "flip"
         assert papers.train_config.min_ramp_iterations == 0
     dct = parse_model_settings({}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
-    assert dct.train_config.method_params == {"agreement_focus": 0.5}
+    assert dct.train_config.method_params == {"agreement_focus": 0.5, "lambda_mix": 1.0}
 
 
 def test_select_models() -> None:
