@@ -113,9 +113,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Progress of the timed steps: every term of every method is active (ramps half way up).
 PROGRESS = 0.5
 
-#: The targets of the issue this benchmark serves.
 #: What one run can measure (``--parts``), in the order it measures them.
 PARTS = ("training", "memory", "inference", "server")
+#: The targets of the issue this benchmark serves.
 STEP_TARGETS = {"dct_seg": (3.0, 2.5), "duo_segnet": (1.8, None)}
 END_TO_END_TARGET = 1.25  # k = 2 end to end / network, CT-sized volume
 SCORING_TARGET = 1.1  # scoring / (preprocessing + network), CT-sized volume

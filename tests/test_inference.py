@@ -73,9 +73,14 @@ def test_labels_equal_the_argmax_of_every_inverted_probability(labels, tmp_path:
     assert (prediction.uncertainty >= -1e-6).all()
 
 
+def _on_model_grid(channels: torch.Tensor, image: MetaTensor) -> MetaTensor:
+    """The channels with the preprocessed image's metadata and its own copy of the steps."""
+    return MetaTensor(channels, meta=image.meta, applied_operations=list(image.applied_operations))
+
+
 def _monai_inverse(predictor: EnsemblePredictor, channels: torch.Tensor, image) -> torch.Tensor:
     """The channels back through MONAI's own inverse of every preprocessing step."""
-    stacked = MetaTensor(channels, meta=image.meta, applied_operations=image.applied_operations)
+    stacked = _on_model_grid(channels, image)
     return predictor._preprocess.inverse({"image": stacked})["image"].as_tensor()
 
 
@@ -102,12 +107,7 @@ def test_the_inversion_to_the_image_grid_equals_monais(affine: np.ndarray, tmp_p
     image = predictor.load_image(tmp_path / "ct.nii.gz")
     channels = torch.softmax(torch.randn(3, *image.shape[1:]) * 4, 0)
 
-    assert (
-        invert_axis_aligned_resampling(
-            MetaTensor(channels, meta=image.meta, applied_operations=list(image.applied_operations))
-        )
-        is not None
-    )  # the fast path ran
+    assert invert_axis_aligned_resampling(_on_model_grid(channels, image)) is not None  # fast path
     fast = predictor._to_image_grid(channels, image)
     reference = _monai_inverse(predictor, channels, image)
     assert fast.shape == reference.shape == (3, 37, 29, 11)
@@ -122,10 +122,7 @@ def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> 
     image.applied_operations[-1]["extra_info"]["mode"] = "nearest"  # as if labels were resampled
     channels = torch.rand(1, *image.shape[1:])
 
-    stacked = MetaTensor(
-        channels, meta=image.meta, applied_operations=list(image.applied_operations)
-    )
-    assert invert_axis_aligned_resampling(stacked) is None
+    assert invert_axis_aligned_resampling(_on_model_grid(channels, image)) is None
     restored = predictor._to_image_grid(channels, image)
     torch.testing.assert_close(restored, _monai_inverse(predictor, channels, image).float())
 
