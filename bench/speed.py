@@ -56,6 +56,7 @@ path, not the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -72,7 +73,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -689,54 +690,52 @@ def time_inference(
 ) -> list[dict[str, Any]]:
     """End to end, preprocessing, network and scoring of one volume with k members.
 
-    The repeats are interleaved over k (repeat r: every k), after one warm-up window per k.
-    The network part runs as ``predict_file`` runs it: without gradients, with autocast when
-    the predictor would use it (CUDA and ``config.amp``), the image moved to the device
-    included.
+    Each repeat makes two calls, ``predict_file`` (end to end) and ``mean_disagreement``
+    (scoring), and times the preprocessing (``load_image``) and the network
+    (``member_logits``: without gradients, with autocast when the predictor would use it,
+    the image moved to the device included) inside each call: a ratio compares parts of the
+    same call, not separate calls whose network time varies by 10-20% on a shared CPU. The
+    repeats are interleaved over k (repeat r: every k), after one warm-up window per k.
 
     Returns:
-        One row per k: median seconds of each part and the ratios.
+        One row per k: median seconds of each part, and the medians of the per-call ratios.
     """
     predictors = {k: random_predictor(config, k, device) for k in ks}
-    use_amp = device.type == "cuda" and config.amp
-
-    def network(predictor: EnsemblePredictor, image: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device.type, enabled=use_amp):
-            tensor = image.as_tensor() if isinstance(image, MetaTensor) else image
-            return member_logits_sliding_window(
-                predictor.ensemble, tensor[None].to(device), config.roi_size
-            )
-
     for predictor in predictors.values():  # warm-up: one window
-        network(predictor, torch.zeros(1, *config.roi_size))
-    samples: dict[int, dict[str, list[float]]] = {
-        k: {"end_to_end": [], "preprocessing": [], "network": [], "scoring": []} for k in ks
-    }
-    grid: list[int] = []
+        with torch.no_grad():
+            member_logits_sliding_window(
+                predictor.ensemble,
+                torch.zeros(1, 1, *config.roi_size, device=device),
+                config.roi_size,
+            )
+    parts = ("end_to_end", "preprocessing", "network", "scoring", "scoring_network")
+    samples: dict[int, dict[str, list[float]]] = {k: {part: [] for part in parts} for k in ks}
     for r in range(repeats):
         for k in ks:
             predictor, sample = predictors[k], samples[k]
-            elapsed, prediction = timed(lambda p=predictor: p.predict_file(path), device)
+            with timed_stages(predictor, device) as stages:
+                elapsed, prediction = timed(lambda p=predictor: p.predict_file(path), device)
             sample["end_to_end"].append(elapsed)
-            elapsed, image = timed(lambda p=predictor: load_image(p, path), device)
-            sample["preprocessing"].append(elapsed)
-            grid = list(image.shape[1:])
-            elapsed, _ = timed(lambda p=predictor, i=image: network(p, i), device)
-            sample["network"].append(elapsed)
-            elapsed, _ = timed(lambda p=predictor: p.mean_disagreement(path), device)
+            sample["preprocessing"].append(stages["load_image"])
+            sample["network"].append(stages["member_logits"])
+            with timed_stages(predictor, device) as stages:
+                elapsed, _ = timed(lambda p=predictor: p.mean_disagreement(path), device)
             sample["scoring"].append(elapsed)
+            sample["scoring_network"].append(stages["load_image"] + stages["member_logits"])
             logger.info(
-                "%s k=%d repeat %d: end to end %.2f s, network %.2f s",
+                "%s k=%d repeat %d: end to end %.2f s, network %.2f s, scoring %.2f s",
                 name,
                 k,
                 r + 1,
                 sample["end_to_end"][-1],
                 sample["network"][-1],
+                sample["scoring"][-1],
             )
-            del prediction, image
+            del prediction
     rows = []
     for k in ks:
-        m = {part: median(values) for part, values in samples[k].items()}
+        sample = samples[k]
+        m = {part: median(values) for part, values in sample.items()}
         rows.append(
             {
                 "volume": name,
@@ -745,17 +744,48 @@ def time_inference(
                 "preprocessing_s": m["preprocessing"],
                 "network_s": m["network"],
                 "scoring_s": m["scoring"],
-                "end_to_end_over_network": ratio(m["end_to_end"], m["network"]),
-                "scoring_over_preprocessing_and_network": ratio(
-                    m["scoring"], m["preprocessing"] + m["network"]
+                "end_to_end_over_network": median_ratio(sample["end_to_end"], sample["network"]),
+                "scoring_over_preprocessing_and_network": median_ratio(
+                    sample["scoring"], sample["scoring_network"]
                 ),
-                "preprocessed_shape": grid,
-                "samples": {
-                    part: [round(v, 6) for v in values] for part, values in samples[k].items()
-                },
+                "preprocessed_shape": predictor_grid(predictors[k], path),
+                "samples": {part: [round(v, 6) for v in values] for part, values in sample.items()},
             }
         )
     return rows
+
+
+@contextlib.contextmanager
+def timed_stages(predictor: EnsemblePredictor, device: torch.device) -> Iterator[dict[str, float]]:
+    """Seconds spent in ``predictor.load_image`` and ``predictor.member_logits`` by the calls
+    made inside the ``with`` block (each summed; the device's work included)."""
+    seconds = {"load_image": 0.0, "member_logits": 0.0}
+    for stage in seconds:
+        # (``_load_image``: its former private name, when measuring an older commit)
+        original = getattr(predictor, stage, None) or predictor._load_image
+
+        def timed_stage(*args, _original=original, _stage=stage, **kwargs):
+            elapsed, result = timed(lambda: _original(*args, **kwargs), device)
+            seconds[_stage] += elapsed
+            return result
+
+        setattr(predictor, stage, timed_stage)
+    try:
+        yield seconds
+    finally:
+        for stage in seconds:
+            delattr(predictor, stage)  # the class's method again
+
+
+def median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """The median of the per-call ratios, to 3 decimals."""
+    ratios = [ratio(n, d) for n, d in zip(numerators, denominators, strict=True)]
+    return None if None in ratios else round(statistics.median(ratios), 3)
+
+
+def predictor_grid(predictor: EnsemblePredictor, path: Path) -> list[int]:
+    """The spatial shape of ``path`` on the model's grid (what the network runs on)."""
+    return list(load_image(predictor, path).shape[1:])
 
 
 # ------------------------------------------------------------------------------------ server
@@ -974,9 +1004,9 @@ def inference_lines(results: dict[str, Any]) -> list[str]:
         "## Auto-segment and scoring",
         "",
         f"Random weights; median of {settings['repeats']} repeats. End to end: `predict_file` "
-        "(file to label on the image grid); preprocessing: the predictor's own; network: "
-        "`member_logits_sliding_window` on the preprocessed image; scoring: "
-        "`mean_disagreement`.",
+        "(file to label on the image grid); scoring: `mean_disagreement`; preprocessing "
+        "(`load_image`) and network (`member_logits`) are timed inside those calls, and each "
+        "ratio is the median of the per-call ratios (parts of the same call).",
         "",
     ]
     for name, volume in results.get("volumes", {}).items():

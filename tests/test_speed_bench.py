@@ -96,6 +96,17 @@ def test_speed_benchmark_re_measures_one_part_into_its_own_file(tmp_path: Path) 
 
     assert "training" not in results and "memory" not in results
     assert {(row["volume"], row["k"]) for row in results["inference"]} >= {("ct", 2), ("mr", 1)}
+    for row in results["inference"]:  # the parts are timed inside the call they are part of
+        samples = row["samples"]
+        for whole, pre, network in zip(
+            samples["end_to_end"], samples["preprocessing"], samples["network"], strict=True
+        ):
+            assert 0 < pre and 0 < network and pre + network <= whole
+        assert all(
+            0 < part <= whole
+            for part, whole in zip(samples["scoring_network"], samples["scoring"], strict=True)
+        )
+        assert row["end_to_end_over_network"] >= 1.0
     assert results["server"] == {"skipped": "--parts"}
     text = (tmp_path / "speed-cpu-inference-quick.md").read_text()
     assert "## Auto-segment and scoring" in text and "## Training step" not in text
