@@ -292,6 +292,7 @@ class Trainer:
         first_epoch, streams = self.setup()
         self._emit("on_train_start")
         loop_start = self.clock() - start  # data caching done: epochs are timed from here
+        epoch_start = loop_start
         epoch = first_epoch
         while epoch < self.config.epochs:
             self._train_epoch(epoch, streams, start)
@@ -312,8 +313,13 @@ class Trainer:
                 }
             )
             if c.time_budget_minutes:
-                seconds_per_epoch = (self.state.elapsed_s - loop_start) / (epoch + 1 - first_epoch)
-                self.fit_to_budget(self.state.elapsed_s, seconds_per_epoch, per="epoch")
+                # The slower of the mean epoch and the last one: a machine that slows down (another
+                # job starts) is followed within one epoch, so the run is shortened while its
+                # learning rate can still decay, not cut after its last planned step.
+                mean_epoch = (self.state.elapsed_s - loop_start) / (epoch + 1 - first_epoch)
+                last_epoch = self.state.elapsed_s - epoch_start
+                self.fit_to_budget(self.state.elapsed_s, max(mean_epoch, last_epoch), per="epoch")
+            epoch_start = self.state.elapsed_s
             if is_main_process():
                 self._save_checkpoint()
             self._emit("on_epoch_end")
@@ -440,7 +446,8 @@ class Trainer:
 
         Called after the first few steps (``per="step"``: the measured seconds per step; again
         every :data:`BUDGET_REPLAN_STEPS` steps while the run is one shortened epoch) and after
-        every epoch (``per="epoch"``: the mean seconds per epoch so far, validation included),
+        every epoch (``per="epoch"``: the slower of the mean epoch so far and the last one,
+        validation included),
         so the plan follows the machine's real speed. The run never grows beyond
         its configured epochs, and runs at least the epoch it is in; planned from its first
         steps, its epochs are shortened alike so that it fills the budget rather than ending

@@ -101,7 +101,7 @@ def test_speed_benchmark_re_measures_one_part_into_its_own_file(tmp_path: Path) 
         for whole, pre, network in zip(
             samples["end_to_end"], samples["preprocessing"], samples["network"], strict=True
         ):
-            assert 0 < pre and 0 < network and pre + network <= whole
+            assert pre > 0 and network > 0 and pre + network <= whole
         assert all(
             0 < part <= whole
             for part, whole in zip(samples["scoring_network"], samples["scoring"], strict=True)

@@ -448,6 +448,28 @@ def test_a_one_epoch_budget_follows_a_machine_that_slows_down(
     assert budget_s - slow <= state.elapsed_s <= budget_s + BUDGET_REPLAN_STEPS * slow
 
 
+def test_a_budget_of_many_epochs_follows_a_machine_that_slows_down(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """Planned from fast first steps, a run of many short epochs whose steps become 8 times
+    slower (another job on the machine) is shortened within an epoch of the slowdown: it ends
+    within its budget, with its learning rate decayed to 0, not cut after its last planned
+    step with the rate still high."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    budget_s, slow = 8.0, 0.5
+    config = tiny_config(
+        epochs=100, iterations_per_epoch=5, time_budget_minutes=budget_s / 60, val_interval=0
+    )
+    recorder = Recorder()
+    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
+    SimulatedMachine(trainer, fast=1 / 16, slow=slow, count=20)
+    state = trainer.fit()
+    assert len(recorder.iterations) == state.total_epochs * state.iterations_per_epoch
+    epoch_s = state.iterations_per_epoch * slow
+    assert budget_s - 2 * epoch_s <= state.elapsed_s <= budget_s
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_a_time_budget_is_filled_by_shorter_epochs_not_cut_to_whole_ones(
     synthetic_cases, tmp_path: Path
 ) -> None:
