@@ -32,18 +32,23 @@ RENAMED_SETTINGS = {"views": "members"}
 #: TrainConfig settings that the quality benchmark measured best for the papers' methods
 #: (``bench/quality.py --tune``, 8 labeled hippocampus cases): each member sees its own
 #: perturbed copy of the unlabeled batch, and the agreement term is focused on foreground
-#: (DCT-Seg) or weighted 5x (Duo-SegNet), chosen in 1000-iteration runs with flips; and, for
-#: DCT-Seg, the copy-paste term (``lambda_mix`` 1, :class:`cotrain.methods.base.CopyPaste`),
-#: chosen in 4000-iteration runs with strong augmentation (``bench/results/quick-tune-4000it.md``:
-#: 1.4-2.0 Dice above the supervised vote from 1000 iterations to 4000, against 0.5-0.7 without
-#: it) and confirmed on the test split (``bench/results/quick-1000it.md``). The app serves them
-#: over :data:`SERVED_RECIPE`; the methods' own defaults stay the papers'.
+#: (DCT-Seg) or weighted 5x (Duo-SegNet), chosen in 1000-iteration runs with flips; and the
+#: copy-paste term (``lambda_mix`` 1, :class:`cotrain.methods.base.CopyPaste`), chosen in runs
+#: of up to 4000 iterations with strong augmentation on the tuning split
+#: (``bench/README.md``, "Diagnosis runs"): DCT-Seg 1.4-2.0 Dice above the supervised vote
+#: from 1000 iterations to 4000 against 0.5-0.7 without it, Duo-SegNet 0.7-1.0 from 1000 to
+#: 2500 against 0.05-0.4 without it; measured on the test split in
+#: ``bench/results/quick-1000it.md``. The app serves them over :data:`SERVED_RECIPE`; the
+#: methods' own defaults stay the papers'.
 TUNED_SETTINGS: dict[str, dict[str, Any]] = {
     "dct_seg": {
         "perturb_unlabeled": True,
         "method_params": {"agreement_focus": 0.5, "lambda_mix": 1.0},
     },
-    "duo_segnet": {"perturb_unlabeled": True, "method_params": {"lambda_u": 1.5}},
+    "duo_segnet": {
+        "perturb_unlabeled": True,
+        "method_params": {"lambda_u": 1.5, "lambda_mix": 1.0},
+    },
 }
 #: The training recipe the app serves for every model, the supervised baseline included:
 #: nnU-Net's augmentation of the patches (``augmentation="strong"``: rotation, scaling, noise,
