@@ -98,7 +98,6 @@ def test_a_bad_method_spec_fails_before_any_run(
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
-
 @pytest.mark.parametrize("method", sorted(TUNED_SETTINGS))
 def test_the_benchmark_runs_the_recipe_the_app_serves(method: str) -> None:
     # The spec of the served recipe parses back to it, the profiles run it, and it names the
