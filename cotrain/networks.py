@@ -10,9 +10,10 @@ the k convolutions into grouped ones); both give the same outputs and gradients.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.func import functional_call, vmap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHITECTURES", "Critic", "Ensemble", "build_member", "member_definition"]
+__all__ = ["ARCHITECTURES", "Critic", "Ensemble", "build_member", "frozen", "member_definition"]
 
 #: MONAI network class of each architecture a member can be, by name.
 ARCHITECTURES = {
@@ -190,6 +191,26 @@ def _stacked_forward(members: Sequence[nn.Module], inputs: torch.Tensor) -> torc
         return functional_call(structure, (parameters, buffers), (x,))
 
     return vmap(one)(parameters, buffers, inputs)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Record passes through ``module`` without gradients for its own parameters.
+
+    Gradients still flow through it to its inputs (the graph is kept), but a backward pass
+    does not compute, nor accumulate, the gradients of ``module``'s weights: for a module
+    that is trained by another loss (Duo-SegNet's critic), they would be discarded anyway.
+    Each parameter's ``requires_grad`` is restored on exit.
+    """
+    parameters = list(module.parameters())
+    before = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, requires_grad in zip(parameters, before, strict=True):
+            p.requires_grad_(requires_grad)
 
 
 class Critic(nn.Module):

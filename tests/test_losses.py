@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cotrain.inference import soft_vote
 from cotrain.losses import (
     adversarial_diversity_loss,
+    critic_discriminator_loss,
     cross_pseudo_supervision_loss,
     foreground_focus,
     jensen_shannon_agreement,
@@ -252,10 +254,21 @@ def test_duo_segnet_critic_gets_gradients_from_its_own_loss_and_members_from_the
     terms["adversarial"].backward()
     for i, member in enumerate(ensemble.members):
         assert_gradient_reaches(member, f"adversarial -> member {i}")
+    # ... without computing the critic's weight gradients, which its own step would discard.
+    assert all(p.grad is None for p in method.critic.parameters())
+    assert all(p.requires_grad for p in method.critic.parameters())
     # The critic's own loss reaches every critic parameter, and no member.
     zero_grads(ensemble, method)
     before = [p.detach().clone() for p in method.critic.parameters()]
     critic_loss = method.critic_loss(batch, method._labeled_probabilities)
+    # It judges ground truth and predictions in one call: the same loss as one call each.
+    separate = 0.0
+    for (images, targets), fake in zip(batch.labeled, method._labeled_probabilities, strict=True):
+        real = F.one_hot(targets[:, 0].long(), 2).movedim(-1, 1).float()
+        separate = separate + critic_discriminator_loss(
+            method.critic(images, real), method.critic(images, fake)
+        )
+    torch.testing.assert_close(critic_loss, separate / len(batch.labeled))
     critic_loss.backward()
     assert_gradient_reaches(method.critic, "critic loss -> critic")
     assert all(p.grad is None for p in ensemble.parameters())

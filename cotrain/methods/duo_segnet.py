@@ -15,6 +15,11 @@ Fixed against the official code: ``L_u`` and the Dice term keep their gradients 
 code computes them through ``.item()``), and the critic sees the image and spatial context
 (the official critic is 1x1 convolutions on the probabilities alone).
 
+The members' adversarial passes run with the critic's parameters frozen: the members' backward
+pass then computes the gradients it needs (through the critic into the members' predictions)
+and not the critic's own weight gradients, which its step would discard. The critic's step
+judges the ground truths and the members' predictions in one call per member.
+
 Warm starts carry the critic and its RMSprop state: a retrain's members keep being judged by the
 critic that learned their previous predictions, instead of a random one whose gradients would
 be noise until it catches up.
@@ -35,7 +40,7 @@ from cotrain.losses import (
     symmetric_cross_entropy_agreement,
 )
 from cotrain.methods.base import AgreementFocus, Batch, CopyPaste, CoTrainingMethod, LossTerms
-from cotrain.networks import Critic, Ensemble
+from cotrain.networks import Critic, Ensemble, frozen
 from cotrain.schedules import gaussian_rampup
 
 
@@ -108,17 +113,20 @@ class DuoSegNet(CoTrainingMethod):
         labeled_probabilities = [torch.softmax(logits.float(), dim=1) for logits in labeled_logits]
         unlabeled_probabilities = torch.softmax(unlabeled_logits.float(), dim=2)
         adversarial = 0.0
-        for (images, _), member_labeled, member_input, member_unlabeled in zip(
-            batch.labeled,
-            labeled_probabilities,
-            unlabeled_inputs,
-            unlabeled_probabilities,
-            strict=True,
-        ):
-            adversarial = adversarial + critic_adversarial_loss(self.critic(images, member_labeled))
-            adversarial = adversarial + critic_adversarial_loss(
-                self.critic(member_input, member_unlabeled)
-            )
+        with frozen(self.critic):  # the members' gradients only; the critic learns in its step
+            for (images, _), member_labeled, member_input, member_unlabeled in zip(
+                batch.labeled,
+                labeled_probabilities,
+                unlabeled_inputs,
+                unlabeled_probabilities,
+                strict=True,
+            ):
+                adversarial = adversarial + critic_adversarial_loss(
+                    self.critic(images, member_labeled)
+                )
+                adversarial = adversarial + critic_adversarial_loss(
+                    self.critic(member_input, member_unlabeled)
+                )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
         terms = {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
@@ -142,9 +150,12 @@ class DuoSegNet(CoTrainingMethod):
             batch.labeled, member_probabilities, strict=True
         ):
             one_hot = F.one_hot(targets[:, 0].long(), self.num_classes).movedim(-1, 1).float()
-            total = total + critic_discriminator_loss(
-                self.critic(images, one_hot), self.critic(images, probabilities.detach())
+            # Real and fake in one call (instance norm: each sample is normalised on its own).
+            logits = self.critic(
+                torch.cat([images, images]), torch.cat([one_hot, probabilities.detach()])
             )
+            real, fake = logits.split(len(images))
+            total = total + critic_discriminator_loss(real, fake)
         return total / len(member_probabilities)
 
     def after_member_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
