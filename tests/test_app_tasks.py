@@ -17,6 +17,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.exception import MONAILabelException
 
 from cotrain.config import TrainConfig
+from cotrain.files import write_json_atomically
 from cotrain.studies import import_msd_studies, write_demo_studies
 from tests.app_helpers import SHARED_DATA, use_app_lib
 
@@ -25,6 +26,7 @@ use_app_lib()
 from lib.infers import EnsembleInfer  # noqa: E402
 from lib.scoring import EnsembleDisagreement, last_run, scoring_status  # noqa: E402
 from lib.trainers import CoTrainTask  # noqa: E402
+from lib.trainers.stats import process_start_time  # noqa: E402
 
 HIPPOCAMPUS = SHARED_DATA / "hippocampus"
 TINY = {
@@ -85,6 +87,36 @@ def test_infer_before_training_is_a_clear_error(served: Served) -> None:
         served.infer({"image": str(served.studies / "case_004.nii.gz")})
     assert error.value.status_code == 503
     assert "not trained yet" in error.value.detail
+
+
+def test_infer_during_the_first_training_says_when_it_should_end(tmp_path: Path) -> None:
+    """A radiologist who presses auto-segment while the first training runs learns how far
+    it is and when to retry; once that process is gone, the answer is the usual one."""
+    write_demo_studies(tmp_path / "studies", num_images=1, num_labeled=0, shape=(16, 16, 16))
+    image = {"image": str(tmp_path / "studies" / "case_000.nii.gz")}
+    stats_path = tmp_path / "train_stats.json"
+    infer = EnsembleInfer(str(tmp_path / "dct_seg.pt"), {"organ": 1}, stats_path=str(stats_path))
+    end = 1_800_000_000  # 2027-01-15 08:00:00 UTC
+    running = {
+        "status": "RUNNING",
+        "pid": os.getpid(),
+        "pid_started": process_start_time(),
+        "epoch": 3,
+        "total_epochs": 10,
+        "progress": 0.35,
+        "expected_end_ts": end,
+    }
+    write_json_atomically(running, stats_path)
+    with pytest.raises(HTTPException) as error:
+        infer(image)
+    assert error.value.status_code == 503
+    assert "first training is running (epoch 3/10, 35% done" in error.value.detail
+    assert "expected to end at 08:00:00 UTC" in error.value.detail
+    # The training process is gone (killed): no promise of an end.
+    write_json_atomically({**running, "pid_started": 1.0}, stats_path)
+    with pytest.raises(HTTPException) as error:
+        infer(image)
+    assert "no ensemble has been published" in error.value.detail
 
 
 def test_train_publishes_and_infer_picks_up_new_models(served: Served) -> None:

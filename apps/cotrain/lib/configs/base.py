@@ -46,6 +46,7 @@ from lib.settings import (
     unset_planned_settings,
 )
 from lib.trainers import CoTrainTask
+from lib.trainers.stats import STATS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ class CoTrainTaskConfig(TaskConfig):
             labels=self.labels,
             dimension=self.settings.train_config.spatial_dims,
             description=self.description,
+            stats_path=os.path.join(self.work_dir, STATS_FILE),
         )
 
     def trainer(self) -> TrainTask | None:

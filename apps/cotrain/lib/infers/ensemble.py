@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ from cotrain.checkpoint import CorruptModelError
 from cotrain.inference import EnsemblePredictor
 from cotrain.input_checks import InvalidImageError
 from lib.settings import parse_bool
+from lib.trainers.stats import read_train_stats
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,8 @@ class EnsembleInfer(InferTask):
 
     The served model file is checked on every request; a newly published ensemble (another
     modification time, size or inode) is loaded without a restart. Before any model was
-    published, a request fails with HTTP 503 and a message saying so; likewise when neither
+    published, a request fails with HTTP 503 and a message saying so (and, while the first
+    training runs, how far it is and when it should end); likewise when neither
     the model file nor its previous version verifies. An image that cannot be segmented
     (unreadable, 2D, empty, NaN voxels) fails with HTTP 422 naming the problem.
 
@@ -77,6 +80,8 @@ class EnsembleInfer(InferTask):
         labels: Label names to values.
         dimension: Spatial dimensions of the model.
         description: ``/info`` description.
+        stats_path: The model's ``train_stats.json``, read to say in the "not trained yet"
+            answer whether a training is running and when it should end.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class EnsembleInfer(InferTask):
         labels: dict[str, int],
         dimension: int = 3,
         description: str = "Co-trained ensemble, soft voting",
+        stats_path: str | None = None,
     ) -> None:
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -94,6 +100,7 @@ class EnsembleInfer(InferTask):
             config={"uncertainty": False},
         )
         self.path = path
+        self.stats_path = stats_path
         self._lock = threading.Lock()
         self._predict_lock = threading.Lock()
         self._predictor: EnsemblePredictor | None = None
@@ -107,6 +114,28 @@ class EnsembleInfer(InferTask):
     def get_path(self, validate: bool = True) -> str | None:
         """The served model file (``None`` if ``validate`` and it does not exist yet)."""
         return self.path if not validate or os.path.exists(self.path) else None
+
+    def _not_trained_message(self) -> str:
+        """Why there is no model yet, and what to do: wait for the running training (how far
+        it is and when it should end, from its train stats), or give it labels."""
+        name = os.path.basename(self.path)
+        stats = read_train_stats(self.stats_path) if self.stats_path else {}
+        if stats.get("status") == "RUNNING":
+            where = f"epoch {stats.get('epoch', 0)}/{stats.get('total_epochs', '?')}"
+            where += f", {100 * float(stats.get('progress') or 0):.0f}% done"
+            end = stats.get("expected_end_ts")
+            if end:
+                when = datetime.datetime.fromtimestamp(int(end), datetime.timezone.utc)
+                where += f", expected to end at {when:%H:%M:%S} UTC"
+            return (
+                f"Model '{name}' is not trained yet: its first training is running ({where}). "
+                "Retry when it has finished."
+            )
+        return (
+            f"Model '{name}' is not trained yet: no ensemble has been published. Submit final "
+            "labels (training starts automatically once enough are saved) or start training, "
+            "then retry."
+        )
 
     def predictor(self, device: str) -> tuple[EnsemblePredictor, int]:
         """The predictor of the current model file, reloaded if the file changed.
@@ -122,14 +151,7 @@ class EnsembleInfer(InferTask):
             try:
                 s = os.stat(self.path)
             except FileNotFoundError:
-                raise HTTPException(
-                    status_code=503,
-                    detail=(
-                        f"Model '{os.path.basename(self.path)}' is not trained yet: no ensemble "
-                        "has been published. Submit final labels (training starts automatically "
-                        "once enough are saved) or start training, then retry."
-                    ),
-                ) from None
+                raise HTTPException(status_code=503, detail=self._not_trained_message()) from None
             key = (s.st_mtime_ns, s.st_size, s.st_ino, device)
             if self._predictor is None or key != self._loaded_key:
                 logger.info("loading ensemble %s on %s", self.path, device)
