@@ -428,20 +428,40 @@ class SimulatedMachine:
         trainer.train_step = timed_step  # type: ignore[method-assign]
 
 
+def run_on_simulated_machine(
+    synthetic_cases,
+    tmp_path: Path,
+    budget_s: float,
+    epochs: int,
+    iterations_per_epoch: int,
+    fast: float,
+    slow: float | None = None,
+    count: int = 0,
+) -> tuple[TrainState, Recorder, Trainer]:
+    """A run with a time budget on a :class:`SimulatedMachine` (steps of ``fast`` seconds,
+    ``slow`` ones after the first ``count`` when given)."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(
+        epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch,
+        time_budget_minutes=budget_s / 60,
+        val_interval=0,
+    )
+    recorder = Recorder()
+    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
+    SimulatedMachine(trainer, fast=fast, slow=slow, count=count)
+    return trainer.fit(), recorder, trainer
+
+
 def test_a_one_epoch_budget_follows_a_machine_that_slows_down(
     synthetic_cases, tmp_path: Path
 ) -> None:
     """Planned from fast first steps, a run whose budget holds less than one epoch re-plans as
     its steps slow down (another job on the machine), and still ends near its budget."""
-    labeled, unlabeled, _ = split(synthetic_cases)
     budget_s, slow = 3.0, 0.25
-    config = tiny_config(
-        epochs=1, iterations_per_epoch=400, time_budget_minutes=budget_s / 60, val_interval=0
+    state, recorder, _ = run_on_simulated_machine(
+        synthetic_cases, tmp_path, budget_s, 1, 400, fast=1 / 64, slow=slow, count=5
     )
-    recorder = Recorder()
-    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
-    SimulatedMachine(trainer, fast=1 / 64, slow=slow, count=5)
-    state = trainer.fit()
     # Planned from the fast steps alone it would have run about 190 steps (48 s at the slow
     # speed); re-planned every BUDGET_REPLAN_STEPS steps, it overruns by less than one re-plan.
     assert len(recorder.iterations) == state.iterations_per_epoch < 400
@@ -455,15 +475,10 @@ def test_a_budget_of_many_epochs_follows_a_machine_that_slows_down(
     slower (another job on the machine) is shortened within an epoch of the slowdown: it ends
     within its budget, with its learning rate decayed to 0, not cut after its last planned
     step with the rate still high."""
-    labeled, unlabeled, _ = split(synthetic_cases)
     budget_s, slow = 8.0, 0.5
-    config = tiny_config(
-        epochs=100, iterations_per_epoch=5, time_budget_minutes=budget_s / 60, val_interval=0
+    state, recorder, trainer = run_on_simulated_machine(
+        synthetic_cases, tmp_path, budget_s, 100, 5, fast=1 / 16, slow=slow, count=20
     )
-    recorder = Recorder()
-    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
-    SimulatedMachine(trainer, fast=1 / 16, slow=slow, count=20)
-    state = trainer.fit()
     assert len(recorder.iterations) == state.total_epochs * state.iterations_per_epoch
     epoch_s = state.iterations_per_epoch * slow
     assert budget_s - 2 * epoch_s <= state.elapsed_s <= budget_s
@@ -551,18 +566,10 @@ def test_a_time_budget_shortens_the_run_and_still_publishes(
 ) -> None:
     """A retrain bounded in time measures its steps, plans fewer of them, schedules the
     learning rate over the planned length, and publishes a model that says what it ran."""
-    labeled, unlabeled, _ = split(synthetic_cases)
-    config = tiny_config(
-        epochs=epochs,
-        iterations_per_epoch=iterations_per_epoch,
-        time_budget_minutes=budget_s / 60,
-        val_interval=0,
-    )
-    recorder = Recorder()
-    trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
     step = 0.125
-    SimulatedMachine(trainer, fast=step)
-    state = trainer.fit()
+    state, recorder, trainer = run_on_simulated_machine(
+        synthetic_cases, tmp_path, budget_s, epochs, iterations_per_epoch, fast=step
+    )
 
     planned = state.total_epochs * state.iterations_per_epoch
     assert planned < epochs * iterations_per_epoch  # the configured run (>= 12 s) did not fit
