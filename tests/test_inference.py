@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from cotrain import inference
 from cotrain.config import TrainConfig
 from cotrain.inference import (
     EnsemblePredictor,
@@ -127,8 +128,12 @@ def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> 
     torch.testing.assert_close(restored, _monai_inverse(predictor, channels, image).float())
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 16])  # chunks that do and do not divide the volume
 @pytest.mark.parametrize("dim", [0, 1])
-def test_the_label_is_the_argmax_with_the_background_ties_to_the_lower_class(dim: int) -> None:
+def test_the_label_is_the_argmax_with_the_background_ties_to_the_lower_class(
+    dim: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "LABEL_CHUNK_VOXELS", chunk)
     probabilities = torch.softmax(torch.randn(2, 4, 6, 5, 3) * 3, dim=1)  # (members, classes, ...)
     probabilities[:, :, 0, 0, 0] = 0.25  # a four-way tie: background wins
     probabilities[:, :, 1, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.3])  # class 1 wins
