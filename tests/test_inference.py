@@ -85,7 +85,8 @@ def _monai_inverse(predictor: EnsemblePredictor, channels: torch.Tensor, image) 
     return predictor._preprocess.inverse({"image": stacked})["image"].as_tensor()
 
 
-@pytest.mark.parametrize(
+#: Image grids: axis order, origin and direction that the resampling must all get right.
+AFFINES = pytest.mark.parametrize(
     "affine",
     [
         np.diag([0.8, 0.8, 2.5, 1.0]),  # RAS, origin 0
@@ -97,6 +98,40 @@ def _monai_inverse(predictor: EnsemblePredictor, channels: torch.Tensor, image) 
     ],
     ids=["ras", "lps-with-origin", "axes-permuted", "oblique"],
 )
+
+
+@AFFINES
+def test_the_preprocessing_equals_monais(
+    affine: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resampling to the model's spacing, run without MONAI's dense grid, gives MONAI's
+    image (same values to float32 precision, grid and record), so training (MONAI's) and an
+    exported bundle see what the server sees."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 200, (37, 29, 11)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "ct.nii.gz"))
+    predictor = _predictor({"organ": 1})
+    calls = []
+    resample = inference.resample_axis_aligned
+    monkeypatch.setattr(
+        inference, "resample_axis_aligned", lambda *a: calls.append(a) or resample(*a)
+    )
+    image = predictor.load_image(tmp_path / "ct.nii.gz")
+    assert len(calls) == 1 and calls[0][0].dtype == torch.float64  # the fast path, in float64
+    reference = predictor._preprocess({"image": str(tmp_path / "ct.nii.gz")})["image"]
+
+    assert image.shape == reference.shape and image.dtype == reference.dtype
+    torch.testing.assert_close(image.as_tensor(), reference.as_tensor(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(image.affine, reference.affine)
+    assert not image.pending_operations
+    ours, monais = image.applied_operations, reference.applied_operations
+    assert [op["class"] for op in ours] == [op["class"] for op in monais]
+    assert ours[-1]["orig_size"] == monais[-1]["orig_size"] and ours[-1]["lazy"] is False
+    for key, value in monais[-1]["extra_info"].items():
+        assert str(ours[-1]["extra_info"][key]) == str(value)
+
+
+@AFFINES
 def test_the_inversion_to_the_image_grid_equals_monais(affine: np.ndarray, tmp_path: Path) -> None:
     """The resampling back from the model's spacing, done without MONAI's dense grid, gives
     MONAI's values (float32 rounding) and its labels, whatever the image's axis order, origin
