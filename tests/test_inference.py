@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import nibabel as nib
@@ -149,6 +150,40 @@ def test_the_inversion_to_the_image_grid_equals_monais(affine: np.ndarray, tmp_p
     assert fast.shape == reference.shape == (3, 37, 29, 11)
     torch.testing.assert_close(fast, reference.float(), atol=1e-4, rtol=0)
     assert (fast.argmax(0) != reference.argmax(0)).float().mean() < 1e-3
+
+
+@AFFINES
+@pytest.mark.parametrize("organ", ["small", "none", "everywhere"])
+def test_the_label_resampled_only_where_a_class_can_win_is_the_full_label(
+    affine: np.ndarray, organ: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Auto-segment resamples the probabilities back only inside the box where a foreground
+    class can win, then reorients the label: the same label as resampling every voxel."""
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 200, (37, 29, 11)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / "ct.nii.gz"))
+    predictor = _predictor({"liver": 1, "tumour": 2})
+    image = predictor.load_image(tmp_path / "ct.nii.gz")
+    logits = torch.randn(3, *image.shape[1:])
+    logits[0] += {"small": 6.0, "none": 20.0, "everywhere": -6.0}[organ]  # background
+    if organ == "small":  # an organ in a corner of the volume, near its border
+        logits[1:, 2:9, 3:10, :4] += 12.0
+    foreground = torch.softmax(logits, 0)[1:]
+    full = labels_from_foreground(predictor._to_image_grid(foreground, image))
+    sizes = []
+    resample = inference.resample_axis_aligned
+    monkeypatch.setattr(
+        inference, "resample_axis_aligned", lambda *a: sizes.append(a[3]) or resample(*a)
+    )
+    label = predictor._to_image_grid(foreground, image, as_label=True)
+
+    assert label.dtype == torch.uint8 and torch.equal(label, full)
+    if organ == "small":
+        assert (full > 0).any() and math.prod(sizes[0]) < full.numel() / 2
+    elif organ == "none":
+        assert not (full > 0).any() and not sizes  # nothing to resample
+    else:
+        assert (full > 0).all() and math.prod(sizes[0]) == full.numel()
 
 
 def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> None:
