@@ -108,6 +108,11 @@ def test_speed_benchmark_re_measures_one_part_into_its_own_file(tmp_path: Path) 
         )
         assert row["end_to_end_over_network"] >= 1.0
     assert results["server"] == {"skipped": "--parts"}
+    back = results["label_back"]  # the label back to the image grid, for both kinds of vote
+    assert 0 < back["organ_voxel_fraction"] < 0.5
+    for vote in ("random", "organs"):
+        assert back[vote]["label_s"] > 0 and back[vote]["every_voxel_s"] > 0
     text = (tmp_path / "speed-cpu-inference-quick.md").read_text()
     assert "## Auto-segment and scoring" in text and "## Training step" not in text
+    assert "an organ-like vote" in text
     assert "CT-sized, k=2: end to end" in done.stdout
