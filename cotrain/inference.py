@@ -265,6 +265,10 @@ def invert_axis_aligned_resampling(image: MetaTensor) -> MetaTensor | None:
     return MetaTensor(resampled, meta=meta, applied_operations=image.applied_operations[:-1])
 
 
+#: Output voxels per slab of :func:`label_after_axis_aligned_resampling`.
+LABEL_SLAB_VOXELS = 1 << 20
+
+
 def label_after_axis_aligned_resampling(foreground: MetaTensor) -> MetaTensor | None:
     """The label of foreground probabilities whose last step is an axis-aligned resampling,
     on the grid before that step (the step popped), or ``None`` where
@@ -294,11 +298,16 @@ def label_after_axis_aligned_resampling(foreground: MetaTensor) -> MetaTensor | 
     label = torch.zeros(size, dtype=torch.uint8)
     box = _box_where_foreground_can_win(probabilities, scale, shift, size)
     if box is not None:
-        start = [shift[d] + scale[d] * box[d].start for d in range(len(size))]
-        resampled = resample_axis_aligned(
-            probabilities, scale, start, [b.stop - b.start for b in box]
-        )
-        label[box] = labels_from_foreground(resampled)
+        # Slab by slab along the first axis: the probabilities on the image's grid (and the
+        # sampling grid) never exist whole, only a slab of about LABEL_SLAB_VOXELS at a time.
+        sizes = [b.stop - b.start for b in box]
+        rows = max(1, LABEL_SLAB_VOXELS // max(1, math.prod(sizes[1:])))
+        for first in range(box[0].start, box[0].stop, rows):
+            stop = min(first + rows, box[0].stop)
+            start = [shift[0] + scale[0] * first]
+            start += [shift[d] + scale[d] * box[d].start for d in range(1, len(size))]
+            slab = resample_axis_aligned(probabilities, scale, start, [stop - first, *sizes[1:]])
+            label[(slice(first, stop), *box[1:])] = labels_from_foreground(slab)
     meta = dict(foreground.meta)
     meta["affine"] = before
     return MetaTensor(label[None], meta=meta, applied_operations=foreground.applied_operations[:-1])
@@ -312,12 +321,13 @@ def _box_where_foreground_can_win(
     probability is at least ``1 / C``, as a box, one voxel wider on each side; ``None`` if no
     voxel is."""
     threshold = 1.0 / (probabilities.shape[0] + 1) - 1e-4  # margin for float rounding
-    candidates = probabilities.amax(dim=0) >= threshold
-    if not bool(candidates.any()):
+    highest = probabilities.amax(dim=0)
+    if float(highest.max()) < threshold:
         return None
     box = []
-    for d, n in enumerate(candidates.shape):
-        hits = torch.nonzero(candidates.movedim(d, 0).reshape(n, -1).any(dim=1))[:, 0]
+    for d, n in enumerate(highest.shape):
+        others = tuple(a for a in range(highest.dim()) if a != d)
+        hits = torch.nonzero(highest.amax(dim=others) >= threshold)[:, 0]
         low, high = int(hits[0]), int(hits[-1]) + 1
         # Output voxel i reads source voxel low only if scale * i + shift >= low - 1, and
         # one below high only if scale * i + shift < high.
