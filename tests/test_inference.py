@@ -19,6 +19,7 @@ from cotrain.inference import (
     labels_from_foreground,
     soft_vote,
 )
+from cotrain.losses import jensen_shannon_map
 from cotrain.networks import Ensemble
 from tests.conftest import TINY_NETWORK
 
@@ -207,7 +208,7 @@ def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> 
 def test_the_label_is_the_argmax_with_the_background_ties_to_the_lower_class(
     dim: int, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inference, "LABEL_CHUNK_VOXELS", chunk)
+    monkeypatch.setattr(inference, "CHUNK_VOXELS", chunk)
     probabilities = torch.softmax(torch.randn(2, 4, 6, 5, 3) * 3, dim=1)  # (members, classes, ...)
     probabilities[:, :, 0, 0, 0] = 0.25  # a four-way tie: background wins
     probabilities[:, :, 1, 0, 0] = torch.tensor([0.1, 0.3, 0.3, 0.3])  # class 1 wins
@@ -227,6 +228,16 @@ def test_uncertainty_is_computed_only_when_asked(tmp_path: Path) -> None:
     assert prediction.uncertainty is None and prediction.member_labels is None
     with pytest.raises(ValueError, match="uncertainty=True"):
         predictor.write_prediction(prediction, tmp_path / "l.nii.gz", tmp_path / "u.nii.gz")
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 14])
+def test_the_mean_disagreement_in_chunks_is_the_maps_mean(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "CHUNK_VOXELS", chunk)
+    logits = torch.randn(3, 2, 4, 9, 8, 5) * 3  # (members, batch, classes, ...)
+    expected = float(jensen_shannon_map(logits).mean())
+    assert inference.mean_jensen_shannon(logits) == pytest.approx(expected, rel=1e-5)
 
 
 def test_score_is_zero_when_members_agree_and_positive_when_they_differ(tmp_path: Path) -> None:
