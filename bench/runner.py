@@ -39,6 +39,7 @@ __all__ = [
     "Run",
     "RunRecord",
     "append_row",
+    "claim_run_folder",
     "done_runs",
     "plan_runs",
     "read_rows",
@@ -128,6 +129,38 @@ def run_folder(work: Path, spec: str, num_labeled: int, seed: int) -> Path:
     return work / f"{name}-{digest}-l{num_labeled}-s{seed}"
 
 
+#: The file in a run folder that says which run its progress belongs to.
+RUN_IDENTITY_FILE = "run.json"
+
+
+def claim_run_folder(folder: Path, identity: dict[str, Any]) -> Path:
+    """Make ``folder`` the home of the run ``identity`` describes, and return it.
+
+    A folder's name says the spec, label count and seed, not the split, the schedule or the
+    cases: a stopped tuning-split run and a test-split run of the same spec (or a 1000- and a
+    4000-iteration run) share it. Its :data:`RUN_IDENTITY_FILE` says whose progress it holds;
+    another run's is removed (logged) so that it is never resumed with this run's data.
+    A folder without the file (from before it existed) is kept.
+
+    Args:
+        folder: The run's folder (:func:`run_folder`).
+        identity: JSON data that tells the run apart: its config and its cases.
+    """
+    wanted = json.loads(json.dumps(identity, sort_keys=True))
+    marker = folder / RUN_IDENTITY_FILE
+    if marker.exists():
+        try:
+            held = json.loads(marker.read_text())
+        except ValueError:
+            held = None
+        if held != wanted:
+            logger.warning("%s holds another run's progress; this run starts afresh", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(wanted, sort_keys=True))
+    return folder
+
+
 def run_one(
     profile: Profile,
     spec: str,
@@ -179,8 +212,12 @@ def run_one(
         if work is None:
             output = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         else:
-            output = run_folder(work, spec, len(labeled), seed)
-            output.mkdir(parents=True, exist_ok=True)
+            identity = {
+                "config": config.to_dict(),
+                "labeled": [case["image"] for case in labeled],
+                "test": [case["image"] for case in test],
+            }
+            output = claim_run_folder(run_folder(work, spec, len(labeled), seed), identity)
         trainer = Trainer(
             config,
             labeled,

@@ -276,3 +276,27 @@ def test_a_resumed_run_scores_the_curve_point_its_checkpoint_skipped(
     assert len(scored) == 1
     record.on_train_start(SimpleNamespace(epoch=6, iterations_per_epoch=1, total_epochs=12))
     assert len(scored) == 1  # 6 is not a curve point
+
+
+def test_a_run_folder_holding_another_runs_progress_is_not_resumed(tmp_path: Path) -> None:
+    """A stopped tuning-split run and a test-split run of the same spec share a folder name:
+    the test run must not resume the tuning run's checkpoint (or a 1000-iteration one a
+    4000-iteration run)."""
+    folder = runner.run_folder(tmp_path, "dct_seg:lambda_mix=1.0", 8, 0)
+    tuning = {"config": {"epochs": 20}, "labeled": ["a.nii.gz"], "test": ["t1.nii.gz"]}
+    runner.claim_run_folder(folder, tuning)
+    (folder / "checkpoint.pt").write_bytes(b"tuning progress")
+    # The same run again (a resumed session): its progress is kept.
+    runner.claim_run_folder(folder, json.loads(json.dumps(tuning)))
+    assert (folder / "checkpoint.pt").exists()
+    # Another split's run of the same spec: it starts afresh, and claims the folder.
+    testing = {**tuning, "test": ["t2.nii.gz"]}
+    runner.claim_run_folder(folder, testing)
+    assert not (folder / "checkpoint.pt").exists()
+    assert json.loads((folder / runner.RUN_IDENTITY_FILE).read_text())["test"] == ["t2.nii.gz"]
+    # A folder from before the identity file existed is resumed as it is.
+    legacy = runner.run_folder(tmp_path, "supervised", 8, 0)
+    legacy.mkdir()
+    (legacy / "checkpoint.pt").write_bytes(b"old progress")
+    runner.claim_run_folder(legacy, testing)
+    assert (legacy / "checkpoint.pt").exists()
