@@ -257,6 +257,30 @@ def _axis_aligned_step(
     return torch.diagonal(linear).tolist(), xform[:rank, rank].tolist()
 
 
+def _undoable_resampling(
+    image: MetaTensor,
+) -> tuple[list[float], list[float], list[int], torch.Tensor] | None:
+    """``image``'s last step, when it is a resampling :func:`resample_axis_aligned` can undo:
+    per axis ``(scale, shift)`` from the voxels of the grid before it to ``image``'s, and that
+    grid's shape and affine; ``None`` otherwise (no step, another step, or not axis-aligned
+    ``bilinear``/``border``)."""
+    step = image.applied_operations[-1] if image.applied_operations else None
+    if step is None or step.get("class") != "SpatialResample":
+        return None
+    before = torch.as_tensor(step["extra_info"]["src_affine"], dtype=torch.float64)
+    axes = _axis_aligned_step(step, image.affine, before)
+    if axes is None:
+        return None
+    return axes[0], axes[1], [int(n) for n in step["orig_size"]], before
+
+
+def _on_grid_before(image: MetaTensor, data: torch.Tensor, before: torch.Tensor) -> MetaTensor:
+    """``data`` on the grid before ``image``'s last step (affine ``before``), the step popped."""
+    meta = dict(image.meta)
+    meta["affine"] = before
+    return MetaTensor(data, meta=meta, applied_operations=image.applied_operations[:-1])
+
+
 def invert_axis_aligned_resampling(image: MetaTensor) -> MetaTensor | None:
     """Undo ``image``'s last step, a linear resampling, when its grids are axis-aligned.
 
@@ -268,17 +292,13 @@ def invert_axis_aligned_resampling(image: MetaTensor) -> MetaTensor | None:
         not a ``bilinear``/``border`` resampling between grids that differ per axis only (MONAI
         then inverts it).
     """
-    step = image.applied_operations[-1] if image.applied_operations else None
-    if step is None:
+    undoable = _undoable_resampling(image)
+    if undoable is None:
         return None
-    before = torch.as_tensor(step["extra_info"]["src_affine"], dtype=torch.float64)
-    axes = _axis_aligned_step(step, image.affine, before)
-    if axes is None:
-        return None
-    resampled = resample_axis_aligned(image.as_tensor(), *axes, [int(n) for n in step["orig_size"]])
-    meta = dict(image.meta)
-    meta["affine"] = before
-    return MetaTensor(resampled, meta=meta, applied_operations=image.applied_operations[:-1])
+    scale, shift, size, before = undoable
+    return _on_grid_before(
+        image, resample_axis_aligned(image.as_tensor(), scale, shift, size), before
+    )
 
 
 #: Output voxels per slab of :func:`label_after_axis_aligned_resampling`.
@@ -301,15 +321,10 @@ def label_after_axis_aligned_resampling(foreground: MetaTensor) -> MetaTensor | 
     Args:
         foreground: ``(C - 1, *spatial)`` soft-vote probabilities of the foreground classes.
     """
-    step = foreground.applied_operations[-1] if foreground.applied_operations else None
-    if step is None:
+    undoable = _undoable_resampling(foreground)
+    if undoable is None or min(undoable[0]) <= 0:
         return None
-    before = torch.as_tensor(step["extra_info"]["src_affine"], dtype=torch.float64)
-    axes = _axis_aligned_step(step, foreground.affine, before)
-    if axes is None or min(axes[0]) <= 0:
-        return None
-    scale, shift = axes
-    size = [int(n) for n in step["orig_size"]]
+    scale, shift, size, before = undoable
     probabilities = foreground.as_tensor()
     label = torch.zeros(size, dtype=torch.uint8)
     box = _box_where_foreground_can_win(probabilities, scale, shift, size)
@@ -324,9 +339,7 @@ def label_after_axis_aligned_resampling(foreground: MetaTensor) -> MetaTensor | 
             start += [shift[d] + scale[d] * box[d].start for d in range(1, len(size))]
             slab = resample_axis_aligned(probabilities, scale, start, [stop - first, *sizes[1:]])
             label[(slice(first, stop), *box[1:])] = labels_from_foreground(slab)
-    meta = dict(foreground.meta)
-    meta["affine"] = before
-    return MetaTensor(label[None], meta=meta, applied_operations=foreground.applied_operations[:-1])
+    return _on_grid_before(foreground, label[None], before)
 
 
 def _box_where_foreground_can_win(

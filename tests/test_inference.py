@@ -191,6 +191,18 @@ def test_the_label_resampled_only_where_a_class_can_win_is_the_full_label(
         assert (full > 0).all() and math.prod(sizes[0]) == full.numel()
 
 
+def test_a_last_step_that_is_not_a_resampling_is_left_to_monai(tmp_path: Path) -> None:
+    """Neither fast path claims a step that is not MONAI's resampling (here the
+    reorientation, whose record holds no source grid): both answer None, not an error."""
+    predictor = _predictor({"organ": 1})
+    image = predictor.load_image(_ct_like(tmp_path / "ct.nii.gz"))
+    channels = _on_model_grid(torch.rand(1, *image.shape[1:]), image)
+    channels.applied_operations = channels.applied_operations[:-1]  # Orientation is last
+    assert channels.applied_operations[-1]["class"] == "Orientation"
+    assert invert_axis_aligned_resampling(channels) is None
+    assert inference.label_after_axis_aligned_resampling(channels) is None
+
+
 def test_a_resampling_it_does_not_reproduce_is_left_to_monai(tmp_path: Path) -> None:
     image_path = _ct_like(tmp_path / "ct.nii.gz")
     predictor = _predictor({"organ": 1})
