@@ -98,7 +98,7 @@ def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
             conf, "dct_seg", DCTSegModel.method, DCTSegModel.defaults
         ).train_config
 
-    tuned = {"agreement_focus": 0.5, "lambda_mix": 1.0}
+    tuned = {"agreement_focus": 0.5, "lambda_mix": 1.0, "diversity_every": 4}
     default = served({})
     assert default.perturb_unlabeled is True
     assert default.method_params == tuned
@@ -108,10 +108,13 @@ def test_served_dct_seg_defaults_to_the_benchmarked_recipe() -> None:
     assert DCTSegModel.defaults["method_params"] == tuned  # not mutated
 
     paper = served(
-        {"perturb_unlabeled": "false", "method_params": '{"agreement_focus":0,"lambda_mix":0}'}
+        {
+            "perturb_unlabeled": "false",
+            "method_params": '{"agreement_focus":0,"lambda_mix":0,"diversity_every":1}',
+        }
     )
     assert paper.perturb_unlabeled is False
-    assert paper.method_params == {"agreement_focus": 0, "lambda_mix": 0}
+    assert paper.method_params == {"agreement_focus": 0, "lambda_mix": 0, "diversity_every": 1}
 
 
 @pytest.mark.parametrize(
@@ -185,7 +188,11 @@ def test_every_served_model_trains_with_the_same_strong_recipe() -> None:
         assert papers.train_config.augmentation == "flip"
         assert papers.train_config.min_ramp_iterations == 0
     dct = parse_model_settings({}, "dct_seg", DCTSegModel.method, DCTSegModel.defaults)
-    assert dct.train_config.method_params == {"agreement_focus": 0.5, "lambda_mix": 1.0}
+    assert dct.train_config.method_params == {
+        "agreement_focus": 0.5,
+        "lambda_mix": 1.0,
+        "diversity_every": 4,
+    }
 
 
 def test_select_models() -> None:

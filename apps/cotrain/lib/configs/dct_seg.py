@@ -22,7 +22,7 @@ class DCTSegModel(CoTrainTaskConfig):
     every seed positive, 1000 iterations; the 1.5 target missed by 0.39) and 1.4-2.0 on the
     tuning split from 1000 to 4000 iterations (``bench/README.md``). The
     paper's: ``--conf perturb_unlabeled false --conf method_params
-    '{"agreement_focus":0,"lambda_mix":0}' --conf augmentation flip --conf min_ramp_iterations
+    '{"agreement_focus":0,"lambda_mix":0,"diversity_every":1}' --conf augmentation flip --conf min_ramp_iterations
     0``.
     """
 
