@@ -186,6 +186,8 @@ class Settings:
         pool_cases: Cases in the studies folder.
         scoring_cases: Cases kept out of the folder, for scoring only.
         train: ``--conf`` of the model's recipe.
+        overrides: ``--conf`` settings given on the command line (over ``train``; shown in
+            the report).
         threads: ``OMP_NUM_THREADS`` of the server and its subprocesses (``None``: unset).
         output: Folder of the results.
         work: Folder of the studies folders, app copies and server logs (kept when given).
@@ -204,6 +206,7 @@ class Settings:
     pool_cases: int
     scoring_cases: int
     train: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
     threads: int | None = None
     output: Path = RESULTS
     work: Path | None = None
@@ -264,6 +267,7 @@ def server_conf(settings: Settings, arm: Arm, seed: int) -> dict[str, str]:
         "models": arm.model,
         "labels": json.dumps(settings.labels, separators=(",", ":")),
         **settings.train,
+        **settings.overrides,
         # Given, so that nothing is planned at start-up (the quality benchmark's defaults).
         "target_spacing": "none",
         "intensity": "zscore",
@@ -759,7 +763,12 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         f"studies folder, {s.scoring_cases} others for scoring only; {s.start_labels} labels at start, +{s.step} per cycle to "
         f"{s.max_labels}; retrain budget {s.retrain_minutes:g} min (first training "
         f"{s.first_train_minutes:g} min). Scores: the served soft vote on the scoring cases, "
-        "mean over seeds.",
+        "mean over seeds."
+        + (
+            " Recipe overrides: " + ", ".join(f"`{k} {v}`" for k, v in s.overrides.items()) + "."
+            if s.overrides
+            else ""
+        ),
         "",
     ]
     for title, key, scale, digits in (
@@ -910,6 +919,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS of the server (default: unset; 1 quick)"
     )
+    parser.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a server --conf setting over the recipe (e.g. supervised_warmup_iterations 150); "
+        "give the run its own --name",
+    )
     parser.add_argument("--name", help="results are OUTPUT/session-NAME.* (default: DATA-Rmin)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
@@ -939,6 +957,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         pool_cases=int(pick(args.pool_cases, 6, 160)),
         scoring_cases=int(pick(args.scoring_cases, 2, 40)),
         train=dict(QUICK_RECIPE if args.quick else SESSION_RECIPE),
+        overrides=dict(args.conf),
         threads=pick(args.threads, 1, None),
         output=args.output,
         work=args.work,

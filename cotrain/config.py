@@ -96,6 +96,15 @@ class TrainConfig:
             that members trained for a few dozen steps are not yet pushed to agree; runs of at
             least ``N`` iterations are unchanged. See
             :meth:`cotrain.engine.Trainer.ramp_progress`.
+        supervised_warmup_iterations: The first ``W`` iterations of a model's training
+            (counted, like ``min_ramp_iterations``, over the retrains that continue it) train
+            the supervised term alone: no unlabeled batch is drawn and no other term is
+            computed, so they cost what a supervised step costs; the ramps are not shifted,
+            the terms start at the weight their ramps have reached by then (0: none, the
+            papers' schedules; the supervised baseline ignores it). Early in a model's life the
+            unlabeled terms' weights are near 0 while a co-training step costs several
+            supervised ones, so a short first training on a CPU server gets several times the
+            iterations.
         batch_size: Labeled patches per member and step.
         unlabeled_batch_size: Unlabeled patches per step (shared by all members).
         perturb_unlabeled: Give each member its own randomly flipped and intensity-perturbed
@@ -144,6 +153,7 @@ class TrainConfig:
     iterations_per_epoch: int = 50
     time_budget_minutes: float = 0.0
     min_ramp_iterations: int = 0
+    supervised_warmup_iterations: int = 0
     batch_size: int = 2
     unlabeled_batch_size: int = 2
     perturb_unlabeled: bool = False
@@ -230,6 +240,11 @@ class TrainConfig:
             )
         if self.min_ramp_iterations < 0:
             raise ValueError(f"min_ramp_iterations must be >= 0, got {self.min_ramp_iterations}")
+        if self.supervised_warmup_iterations < 0:
+            raise ValueError(
+                "supervised_warmup_iterations must be >= 0, "
+                f"got {self.supervised_warmup_iterations}"
+            )
         if self.time_budget_minutes < 0:
             raise ValueError(f"time_budget_minutes must be >= 0, got {self.time_budget_minutes}")
         if self.cache_gb is not None and self.cache_gb <= 0:

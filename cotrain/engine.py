@@ -272,6 +272,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         first_epoch = self._restore()
         self._max_epochs = c.epochs
+        self._warmed_up = False  # whether a supervised warm-up step has run in this run
         if c.time_budget_minutes and first_epoch:  # resumed: the length its budget planned
             self._set_length(self.state.total_epochs, self.state.iterations_per_epoch)
         return first_epoch, self.build_streams()
@@ -339,7 +340,7 @@ class Trainer:
             getattr(callback, event)(self.state)
 
     def train_step(
-        self, batch: Batch, progress: float, every_term: bool = False
+        self, batch: Batch, progress: float, every_term: bool = False, warmup: bool = False
     ) -> dict[str, float]:
         """One optimiser step of the members (and the method's own step).
 
@@ -350,6 +351,8 @@ class Trainer:
             every_term: Compute every loss term that is on by the end of the run, also those
                 whose weight is still 0 this step (they add nothing to the gradient; the step
                 then costs what a later one does).
+            warmup: A step of the supervised warm-up (:meth:`in_warmup`): the supervised term
+                alone (``method.warmup_terms``), every other weight reported as 0.
 
         Returns:
             The reported values.
@@ -358,12 +361,17 @@ class Trainer:
         self.method.train()
         self.optimizer.zero_grad(set_to_none=True)
         weights = self.method.loss_weights(self.ramp_progress(progress))
+        if warmup:
+            weights = {name: 1.0 if name == "supervised" else 0.0 for name in weights}
         work = weights
         if every_term:  # each term's weight where its ramp will be at the end of the run
             at_end = self.method.loss_weights(self.ramp_progress(1.0))
             work = {name: max(w, at_end.get(name, w)) for name, w in weights.items()}
         with torch.autocast(self.device.type, enabled=self.use_amp):
-            terms = self.method.loss_terms(self.ensemble, batch, work)
+            if warmup:
+                terms = self.method.warmup_terms(self.ensemble, batch)
+            else:
+                terms = self.method.loss_terms(self.ensemble, batch, work)
         total = sum(weights[name] * term.float() for name, term in terms.items())
         if not torch.isfinite(total):
             values = {name: float(term.detach()) for name, term in terms.items()}
@@ -375,7 +383,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
-        extras = self.method.after_member_step(self.ensemble, batch)
+        if warmup:
+            extras = self.method.after_warmup_step(self.ensemble, batch)
+        else:
+            extras = self.method.after_member_step(self.ensemble, batch)
         reported = {name: float(term.detach()) for name, term in terms.items()}
         reported["total"] = float(total.detach())
         reported.update({f"weight/{name}": w for name, w in weights.items()})
@@ -400,32 +411,55 @@ class Trainer:
         span = max(c.min_ramp_iterations, before + total)
         return min(1.0, (before + progress * total) / span)
 
+    def in_warmup(self) -> bool:
+        """Whether the next step is one of the supervised warm-up's: the model (counted over
+        the retrains that continue it, as :meth:`ramp_progress`) has trained fewer than
+        ``config.supervised_warmup_iterations`` iterations. Never for a method without
+        unlabeled terms, nor for a continued model whose past is unknown."""
+        before = self.state.trained_before
+        if not self.method.uses_unlabeled or before is None:
+            return False
+        return before + self.state.iterations_done < self.config.supervised_warmup_iterations
+
     def _train_epoch(self, epoch: int, streams: BatchStreams, start: float) -> None:
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         iteration = 0
-        probe_start = 0.0
+        probe_start, probe_from = 0.0, 0  # the budget's timed steps start at step probe_from
         while iteration < self.config.iterations_per_epoch:  # a time budget may shorten it
             c = self.config
             if self._stop.is_set():
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
-            batch = streams.next_batch()
+            warmup = self.in_warmup()
+            if epoch == 0 and probe_from == 0 and iteration and not warmup and self._warmed_up:
+                # The warm-up ended in the first epoch: its cheap steps say nothing of the
+                # method's own, so the plan is made again from the steps that follow.
+                probe_from = iteration
+            self._warmed_up = self._warmed_up or warmup
+            batch = streams.next_batch(unlabeled=not warmup)
             # The steps a time budget is planned from do the work of every term that is on by
             # the end of the run, also a term whose weight is still 0 (DCT-Seg's diversity in
             # the first 10%): planned from cheaper steps, the run would stop well before its
             # budget. A term a short run never ramps up to (min_ramp_iterations) is not priced.
-            probing = bool(c.time_budget_minutes) and epoch == 0 and iteration <= BUDGET_PROBE_STEPS
-            reported = self.train_step(batch, progress, every_term=probing)
+            probing = (
+                bool(c.time_budget_minutes)
+                and epoch == 0
+                and not warmup
+                and iteration - probe_from <= BUDGET_PROBE_STEPS
+            )
+            reported = self.train_step(batch, progress, every_term=probing, warmup=warmup)
             self.state.iterations_done += 1
             for name, value in reported.items():
                 sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
             iteration += 1
             self.state.iteration = iteration
             self.state.losses = reported
             self.state.elapsed_s = self.clock() - start
-            if c.time_budget_minutes and epoch == 0 and iteration == 1:
+            if c.time_budget_minutes and epoch == 0 and iteration == probe_from + 1:
                 probe_start = self.state.elapsed_s  # the first step warms up: not measured
-            timed = iteration - 1  # steps since the warm-up step
+            timed = iteration - probe_from - 1  # steps since that first step
             if (
                 c.time_budget_minutes
                 and epoch == 0
@@ -438,7 +472,8 @@ class Trainer:
                 seconds_per_step = (self.state.elapsed_s - probe_start) / timed
                 self.fit_to_budget(self.state.elapsed_s, seconds_per_step, per="step")
             self._emit("on_iteration_end")
-        self.state.losses = {name: total / iteration for name, total in sums.items()}
+        # Each value's mean over the steps that reported it (warm-up steps have no unlabeled terms).
+        self.state.losses = {name: total / counts[name] for name, total in sums.items()}
         self.state.losses["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
 
     def fit_to_budget(self, elapsed_s: float, seconds: float, per: str) -> None:

@@ -153,8 +153,12 @@ class BatchStreams:
                     cutout_size=cutout if c.unlabeled_cutout else None,
                 )
 
-    def next_batch(self) -> Batch:
-        """The next step's batch: every member's labeled patches, then the unlabeled ones."""
+    def next_batch(self, unlabeled: bool = True) -> Batch:
+        """The next step's batch: every member's labeled patches, then the unlabeled ones.
+
+        Args:
+            unlabeled: Draw the unlabeled patches (not in a supervised warm-up step).
+        """
         labeled = []
         for batches in self._labeled:
             data = next(batches)
@@ -164,9 +168,9 @@ class BatchStreams:
                     data["label"].as_tensor().to(self.device),
                 )
             )
-        unlabeled, copies = None, None
-        if self._unlabeled is not None:
-            unlabeled = next(self._unlabeled)["image"].as_tensor().to(self.device)
+        images, copies = None, None
+        if unlabeled and self._unlabeled is not None:
+            images = next(self._unlabeled)["image"].as_tensor().to(self.device)
             if self._perturbation is not None:
-                copies = self._perturbation(unlabeled, self.config.members)
-        return Batch(labeled=labeled, unlabeled=unlabeled, unlabeled_copies=copies)
+                copies = self._perturbation(images, self.config.members)
+        return Batch(labeled=labeled, unlabeled=images, unlabeled_copies=copies)

@@ -23,7 +23,11 @@ def test_quick_session_serves_a_fresh_model_every_cycle(tmp_path: Path) -> None:
     output, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, SESSION, "--quick", "--output", output, "--work", work],
+        # A recipe override reaches the server: DCT-Seg's first training starts supervised.
+        [
+            *(sys.executable, SESSION, "--quick", "--output", output, "--work", work),
+            *("--conf", "supervised_warmup_iterations", "3"),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -77,4 +81,5 @@ def test_quick_session_serves_a_fresh_model_every_cycle(tmp_path: Path) -> None:
         assert (output / f"session-quick.{suffix}").stat().st_size > 0
     table = (output / "session-quick.md").read_text()
     assert "| dct_seg:disagreement |" in table and "## Targets" in table
+    assert "Recipe overrides: `supervised_warmup_iterations 3`" in table
     assert "Label efficiency" in done.stdout  # the table is printed

@@ -3,6 +3,7 @@ chance; checkpoints resume; a failed or stopped run publishes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -279,6 +280,115 @@ def test_short_runs_leave_the_ramps_part_way_and_the_retrain_continues_them(
         tiny_config(min_ramp_iterations=-1)
 
 
+def test_a_supervised_warmup_trains_the_labels_alone_then_the_method(
+    synthetic_cases, tmp_path: Path
+) -> None:
+    """With ``supervised_warmup_iterations`` W, the first W steps of a model's life draw no
+    unlabeled batch and train the supervised term alone (every other weight 0); then the
+    method's terms start at the weight their ramps have reached. A retrain that continues a
+    model trained for fewer than W iterations finishes the warm-up, and not more."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(
+        method="dct_seg",
+        epochs=2,
+        iterations_per_epoch=3,
+        perturb_unlabeled=True,
+        supervised_warmup_iterations=4,
+        min_ramp_iterations=40,
+    )
+    recorder = Recorder()
+    trainer = Trainer(config, labeled, unlabeled, tmp_path / "first", callbacks=[recorder])
+    drawn: list[bool] = []
+    original = trainer.train_step
+
+    def recording(batch, progress, every_term=False, warmup=False):
+        drawn.append(batch.unlabeled is not None)
+        return original(batch, progress, every_term, warmup)
+
+    trainer.train_step = recording  # type: ignore[method-assign]
+    trainer.fit()
+    assert drawn == [False] * 4 + [True] * 2
+    warm, method = recorder.iterations[:4], recorder.iterations[4:]
+    for step in warm:
+        assert set(step.losses) == {"supervised", "total"} | {
+            f"weight/{name}" for name in ("supervised", "agreement", "diversity")
+        }
+        assert step.losses["weight/supervised"] == 1.0 and step.losses["weight/agreement"] == 0.0
+    expected = trainer.method.loss_weights(4 / 40)["agreement"]
+    assert expected > 0
+    assert method[0].losses["weight/agreement"] == pytest.approx(expected)
+    assert method[0].losses["agreement"] > 0
+    # The epoch means: each term over the steps that computed it.
+    assert recorder.epochs[-1].losses["agreement"] == pytest.approx(
+        (method[0].losses["agreement"] + method[1].losses["agreement"]) / 2
+    )
+
+    retrain_steps = Recorder()
+    retrain = Trainer(
+        dataclasses.replace(config, supervised_warmup_iterations=8),
+        labeled,
+        unlabeled,
+        tmp_path / "second",
+        callbacks=[retrain_steps],
+        init_model=tmp_path / "first" / MODEL_FILE,
+    )
+    retrain.fit()
+    assert retrain.state.trained_before == 6
+    agreement = [s.losses["weight/agreement"] for s in retrain_steps.iterations]
+    assert agreement[:2] == [0.0, 0.0] and min(agreement[2:]) > 0
+    with pytest.raises(ValueError, match="supervised_warmup_iterations"):
+        tiny_config(supervised_warmup_iterations=-1)
+
+
+@pytest.mark.parametrize("method", ["duo_segnet", "mean_teacher"])
+def test_the_methods_own_state_in_a_supervised_warmup(
+    method: str, synthetic_cases, tmp_path: Path
+) -> None:
+    """During the warm-up Duo-SegNet's critic does not train (it starts with its terms), and
+    Mean Teacher's EMA teachers follow the members (they are its targets once it ends)."""
+    labeled, unlabeled, _ = split(synthetic_cases)
+    config = tiny_config(method=method, epochs=1, iterations_per_epoch=3)
+    trainer = Trainer(
+        dataclasses.replace(config, supervised_warmup_iterations=3), labeled, unlabeled, tmp_path
+    )
+    trainer.setup()  # fit sets up again, with the same seeds: the same initial state
+
+    def own_state() -> list[torch.Tensor]:
+        own = trainer.method.critic if method == "duo_segnet" else trainer.method.teachers
+        return [p.detach().clone() for p in own.parameters()]
+
+    before = own_state()
+    trainer.fit()
+    after = own_state()
+    moved = any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert moved == (method == "mean_teacher")
+
+
+def test_a_budget_is_planned_again_when_the_warmup_ends(synthetic_cases, tmp_path: Path) -> None:
+    """A budgeted run whose supervised warm-up (cheap steps) ends in its first epoch plans
+    its length again from the method's own, slower steps, and ends within its budget instead
+    of running the epoch the cheap steps planned."""
+    budget_s, slow, warmup = 8.0, 0.25, 10
+    state, recorder, _ = run_on_simulated_machine(
+        synthetic_cases,
+        tmp_path,
+        budget_s,
+        100,
+        50,
+        fast=1 / 64,
+        slow=slow,
+        count=warmup,
+        method="jsd",
+        supervised_warmup_iterations=warmup,
+    )
+    steps = recorder.iterations
+    assert [s.losses["weight/agreement"] == 0.0 for s in steps[: warmup + 1]] == [True] * warmup + [
+        False
+    ]
+    assert len(steps) < 50  # the epoch the cheap steps planned would take 10 s
+    assert budget_s - 2 * slow <= state.elapsed_s <= budget_s + BUDGET_REPLAN_STEPS * slow
+
+
 class Explode(TrainCallback):
     """Corrupts the members after the first iteration so that the next loss is NaN."""
 
@@ -437,15 +547,17 @@ def run_on_simulated_machine(
     fast: float,
     slow: float | None = None,
     count: int = 0,
+    **settings,
 ) -> tuple[TrainState, Recorder, Trainer]:
     """A run with a time budget on a :class:`SimulatedMachine` (steps of ``fast`` seconds,
-    ``slow`` ones after the first ``count`` when given)."""
+    ``slow`` ones after the first ``count`` when given); ``settings``: more of the config."""
     labeled, unlabeled, _ = split(synthetic_cases)
     config = tiny_config(
         epochs=epochs,
         iterations_per_epoch=iterations_per_epoch,
         time_budget_minutes=budget_s / 60,
         val_interval=0,
+        **settings,
     )
     recorder = Recorder()
     trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
@@ -514,11 +626,11 @@ def test_the_budget_is_planned_from_steps_that_do_every_terms_work(
     calls: list[bool] = []
     original = trainer.train_step
 
-    def recording(batch, progress, every_term=False):
+    def recording(batch, progress, every_term=False, **kwargs):
         calls.append(every_term)
         if len(calls) == BUDGET_PROBE_STEPS + 3:
             trainer.request_stop()
-        return original(batch, progress, every_term)
+        return original(batch, progress, every_term, **kwargs)
 
     trainer.train_step = recording  # type: ignore[method-assign]
     with pytest.raises(TrainingStopped):
@@ -545,10 +657,10 @@ def test_the_budget_is_not_planned_with_a_term_the_run_never_ramps_up_to(
     trainer = Trainer(config, labeled, unlabeled, tmp_path, callbacks=[recorder])
     original = trainer.train_step
 
-    def stopping(batch, progress, every_term=False):
+    def stopping(batch, progress, every_term=False, **kwargs):
         if len(recorder.iterations) == BUDGET_PROBE_STEPS + 2:
             trainer.request_stop()
-        return original(batch, progress, every_term)
+        return original(batch, progress, every_term, **kwargs)
 
     trainer.train_step = stopping  # type: ignore[method-assign]
     with pytest.raises(TrainingStopped):

@@ -209,6 +209,21 @@ class CoTrainingMethod(nn.Module):
         """
         return {}
 
+    def warmup_terms(self, ensemble: Ensemble, batch: Batch) -> LossTerms:
+        """The loss of a step of the supervised warm-up (``TrainConfig.supervised_warmup_iterations``):
+        the supervised term alone; the batch has no unlabeled part."""
+        supervised, _ = self.supervised_term(ensemble, batch)
+        return {"supervised": supervised}
+
+    def after_warmup_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
+        """Hook after the members' optimiser step of a warm-up step; by default nothing (a
+        critic starts after the warm-up). Mean Teacher's EMA teachers follow the members.
+
+        Returns:
+            Extra values to report.
+        """
+        return {}
+
     def auxiliary_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Optimisers the method owns (Duo-SegNet's critic), by name, for checkpoints."""
         return {}

@@ -90,3 +90,7 @@ class MeanTeacher(CoTrainingMethod):
             for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
                 t.copy_(s)
         return {}
+
+    def after_warmup_step(self, ensemble: Ensemble, batch: Batch) -> dict[str, float]:
+        """The teachers follow the members during the supervised warm-up too."""
+        return self.after_member_step(ensemble, batch)
