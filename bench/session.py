@@ -33,8 +33,11 @@ the quality benchmark's quick one (``bench/profiles.py``: 40x56x40 whole volumes
 2 members, 2 + 2 per batch, lr 1e-3), 100 epochs of 50 iterations, so the time budget bounds
 every run; no validation split (every label trains).
 
-    python bench/session.py                                # 4 arms, seed 0: about 8 hours on 2 CPU cores
+    python bench/session.py                                # 4 arms, seed 0: about 5 hours on 2 CPU cores
     python bench/session.py --quick --output /tmp/session  # the CI smoke test, 1.5 minutes
+
+``--conf KEY VALUE`` (repeatable) sets a server ``--conf`` over the recipe for every arm, e.g.
+``--conf supervised_warmup_iterations 300``; give such a run its own ``--name``.
 
 Files: ``OUTPUT/session-NAME.{jsonl,csv,md,png}``, ``NAME`` = ``DATA-Rmin`` (``hippocampus-8min``;
 ``quick`` with ``--quick``). ``NAME.jsonl``: one row per arm, seed and cycle, appended as each
@@ -47,14 +50,12 @@ label count at which ``dct_seg:disagreement`` first reaches ``supervised:random`
 against labels, and the time of each cycle.
 
 How long (R = ``--retrain-minutes``, 8): per arm, the server start and the first training
-(2 x R = 16 minutes), then (max - start) / step = 6 cycles, each of two retrains and scoring:
-the cycle's first submit starts a run at once and the second, a second later, queues a
-follow-up run (MONAI Label's single train worker turns the first task ``RUNNING`` within
-milliseconds, so the scheduler does not coalesce the second; seen with ``--quick --step 2``:
-outcomes ``started``, ``queued``), so a cycle takes 2 x R = 16 minutes,
-plus the scoring (40 auto-segment requests, and with ``disagreement`` the scores of ~150
-unlabeled images: a minute or two on 2 cores). About 2 hours per arm, 8 hours for the 4 arms
-and one seed (``--step 1``: 12 cycles of one run each, about as long).
+(2 x R = 16 minutes), then (max - start) / step = 6 cycles of about R each: the cycle's
+first submit starts a retrain and the second, a second later, starts no second one
+("trainings per cycle" in the report: 1 in ``session-r1.5-arms``), plus the scoring (40 auto-segment requests,
+about 7 s, and with ``disagreement`` the scores of ~150 unlabeled images). Measured with R =
+1.5: 12-17 minutes per arm (``bench/results/session-r1.5-arms.md``); with R = 8 that is about
+70 minutes per arm, about 5 hours for the 4 arms and one seed, one arm at a time.
 ``--quick``: 8 synthetic 24^3 cases (6 in the folder, 2 for scoring), a 2-level UNet, 2
 cycles of 1 label from 2, arms ``dct_seg:disagreement supervised:random``: checks the path,
 not the numbers.

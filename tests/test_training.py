@@ -34,6 +34,20 @@ def split(cases: list[dict[str, str]]) -> tuple[list, list, list]:
     return labeled, unlabeled, validation
 
 
+def retrain_of(
+    tmp_path: Path, config, labeled: list, unlabeled: list, recorder: TrainCallback
+) -> Trainer:
+    """A retrain in ``tmp_path/second`` warm-started from the model of ``tmp_path/first``."""
+    return Trainer(
+        config,
+        labeled,
+        unlabeled,
+        tmp_path / "second",
+        callbacks=[recorder],
+        init_model=tmp_path / "first" / MODEL_FILE,
+    )
+
+
 class Recorder(TrainCallback):
     def __init__(self) -> None:
         self.iterations: list[TrainState] = []
@@ -196,14 +210,7 @@ def test_a_retrain_continues_the_critic_ramps_and_warms_up(synthetic_cases, tmp_
     critic = {k: v.clone() for k, v in first.method.critic.state_dict().items()}
     recorder = Recorder()
     config = tiny_config(method="duo_segnet", epochs=2, iterations_per_epoch=30, learning_rate=0.01)
-    retrain = Trainer(
-        config,
-        labeled,
-        unlabeled,
-        tmp_path / "second",
-        callbacks=[recorder],
-        init_model=tmp_path / "first" / MODEL_FILE,
-    )
+    retrain = retrain_of(tmp_path, config, labeled, unlabeled, recorder)
     retrain.setup()
     assert retrain.state.continued
     for name, value in retrain.method.critic.state_dict().items():
@@ -253,14 +260,7 @@ def test_short_runs_leave_the_ramps_part_way_and_the_retrain_continues_them(
     assert load_file(tmp_path / "first" / MODEL_FILE)["trained_iterations"] == 4
 
     retrain_steps = Recorder()
-    retrain = Trainer(
-        config,
-        labeled,
-        unlabeled,
-        tmp_path / "second",
-        callbacks=[retrain_steps],
-        init_model=tmp_path / "first" / MODEL_FILE,
-    )
+    retrain = retrain_of(tmp_path, config, labeled, unlabeled, retrain_steps)
     retrain.fit()
     assert retrain.state.continued and retrain.state.trained_before == 4
     weights = [s.losses["weight/agreement"] for s in retrain_steps.iterations]
@@ -324,13 +324,12 @@ def test_a_supervised_warmup_trains_the_labels_alone_then_the_method(
     )
 
     retrain_steps = Recorder()
-    retrain = Trainer(
+    retrain = retrain_of(
+        tmp_path,
         dataclasses.replace(config, supervised_warmup_iterations=8),
         labeled,
         unlabeled,
-        tmp_path / "second",
-        callbacks=[retrain_steps],
-        init_model=tmp_path / "first" / MODEL_FILE,
+        retrain_steps,
     )
     retrain.fit()
     assert retrain.state.trained_before == 6
