@@ -926,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar=("KEY", "VALUE"),
-        help="a server --conf setting over the recipe (e.g. supervised_warmup_iterations 150); "
+        help="a server --conf setting over the recipe (e.g. supervised_warmup_iterations 300); "
         "give the run its own --name",
     )
     parser.add_argument("--name", help="results are OUTPUT/session-NAME.* (default: DATA-Rmin)")

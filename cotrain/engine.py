@@ -272,7 +272,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         first_epoch = self._restore()
         self._max_epochs = c.epochs
-        self._warmed_up = False  # whether a supervised warm-up step has run in this run
         if c.time_budget_minutes and first_epoch:  # resumed: the length its budget planned
             self._set_length(self.state.total_epochs, self.state.iterations_per_epoch)
         return first_epoch, self.build_streams()
@@ -426,17 +425,17 @@ class Trainer:
         counts: dict[str, int] = {}
         iteration = 0
         probe_start, probe_from = 0.0, 0  # the budget's timed steps start at step probe_from
+        warmup = False  # whether the step before was one of the supervised warm-up's
         while iteration < self.config.iterations_per_epoch:  # a time budget may shorten it
             c = self.config
             if self._stop.is_set():
                 raise TrainingStopped(f"stopped at epoch {epoch + 1}, iteration {iteration}")
             progress = (epoch + iteration / c.iterations_per_epoch) / c.epochs
-            warmup = self.in_warmup()
-            if epoch == 0 and probe_from == 0 and iteration and not warmup and self._warmed_up:
+            previous, warmup = warmup, self.in_warmup()
+            if epoch == 0 and previous and not warmup:
                 # The warm-up ended in the first epoch: its cheap steps say nothing of the
                 # method's own, so the plan is made again from the steps that follow.
                 probe_from = iteration
-            self._warmed_up = self._warmed_up or warmup
             batch = streams.next_batch(unlabeled=not warmup)
             # The steps a time budget is planned from do the work of every term that is on by
             # the end of the run, also a term whose weight is still 0 (DCT-Seg's diversity in
