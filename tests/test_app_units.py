@@ -475,6 +475,41 @@ def test_retrain_budget_follows_the_device_the_setting_and_the_request(tmp_path:
         parse_model_settings({"retrain_minutes": "-1"}, "dct_seg", DCTSegModel.method)
 
 
+def test_supervised_warmup_follows_the_device_unless_set(tmp_path: Path) -> None:
+    """A co-training model left to its defaults trains its first iterations supervised on a CPU
+    server and not on a GPU one (shown in the train options); --conf and a train request set
+    it; the supervised baseline, which has no unlabeled terms, neither gets nor shows one."""
+    from lib.configs import SupervisedModel
+    from lib.settings import DEFAULT_WARMUP_ITERATIONS
+    from lib.trainers.co_training import CoTrainTask
+
+    def task(conf: dict[str, str], model: Any = DCTSegModel) -> CoTrainTask:
+        settings = parse_model_settings(conf, model.method, model.method, model.defaults)
+        return CoTrainTask(
+            model.method,
+            str(tmp_path / f"{model.method}.pt"),
+            str(tmp_path / model.method),
+            settings.train_config,
+            device_settings=settings.device_settings,
+        )
+
+    default = task({})
+    assert DEFAULT_WARMUP_ITERATIONS["cpu"] > DEFAULT_WARMUP_ITERATIONS["cuda"] == 0
+    for device, iterations in DEFAULT_WARMUP_ITERATIONS.items():
+        assert default.run_config({}, device).supervised_warmup_iterations == iterations
+    assert default.config()["supervised_warmup_iterations"] == DEFAULT_WARMUP_ITERATIONS["cpu"]
+
+    set_ = task({"dct_seg.supervised_warmup_iterations": "0"})
+    assert set_.run_config({}, "cpu").supervised_warmup_iterations == 0
+    assert set_.config()["supervised_warmup_iterations"] == 0
+    request = {"supervised_warmup_iterations": "50"}
+    assert default.run_config(request, "cpu").supervised_warmup_iterations == 50
+
+    baseline = task({}, SupervisedModel)
+    assert baseline.run_config({}, "cpu").supervised_warmup_iterations == 0
+    assert "supervised_warmup_iterations" not in baseline.config()
+
+
 def test_scoring_budget_is_a_share_of_the_retrain_budget_unless_set() -> None:
     """One scoring run gets a quarter of the device's default retrain budget; --conf
     score_minutes sets it (0: no bound); a negative value is refused at start-up."""

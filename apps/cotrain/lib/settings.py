@@ -142,6 +142,17 @@ DEFAULT_BUDGET_MINUTES: dict[str, tuple[float, float]] = {"cpu": (8.0, 15.0), "c
 #: scored by the next run.
 DEFAULT_SCORE_FRACTION = 0.25
 
+#: Default supervised warm-up (``TrainConfig.supervised_warmup_iterations``) by training device,
+#: for the methods with unlabeled terms, when neither ``--conf`` nor the model's defaults set it.
+#: A CPU server's budgets buy a few hundred iterations over a model's first trainings, where the
+#: unlabeled terms' ramps are still near 0 while a co-training step costs 4-5 supervised ones:
+#: training the supervised term alone there gave the served DCT-Seg 67.6 Dice after its first
+#: 3-minute training instead of 24.1 (``bench/results/session-r1.5-warmup.md`` against
+#: ``session-r1.5-1thread.md``). A GPU server's budgets buy thousands of iterations, where the
+#: tuning split favoured none (83.15 without against 82.73 with 300 at 1000 iterations,
+#: ``bench/results/quick-tune-1000it.md``).
+DEFAULT_WARMUP_ITERATIONS: dict[str, int] = {"cpu": 300, "cuda": 0}
+
 
 @dataclass
 class ModelSettings:
@@ -160,6 +171,8 @@ class ModelSettings:
         first_train_minutes: The same for a training with no served model to start from.
         score_minutes: Wall-time bound of one scoring run (``None``: a quarter of the default
             retrain budget of the scoring device; 0: no bound).
+        warmup_from_device: Whether ``train_config.supervised_warmup_iterations`` was left
+            unset, so that each run takes :data:`DEFAULT_WARMUP_ITERATIONS` of its device.
         test_fault_injection: TEST HOOK: train requests may ask for a failure
             (:mod:`lib.trainers.fault_injection`).
     """
@@ -173,6 +186,7 @@ class ModelSettings:
     retrain_minutes: float | None = None
     first_train_minutes: float | None = None
     score_minutes: float | None = None
+    warmup_from_device: bool = False
     test_fault_injection: bool = False
 
     def budget_minutes(self, device_type: str, warm_start: bool) -> float:
@@ -187,6 +201,16 @@ class ModelSettings:
             return setting
         retrain, first = DEFAULT_BUDGET_MINUTES["cuda" if device_type == "cuda" else "cpu"]
         return retrain if warm_start else first
+
+    def device_settings(self, device_type: str) -> dict[str, Any]:
+        """The TrainConfig settings whose default depends on the training device, for a run
+        on ``device_type`` (``"cuda"`` or ``"cpu"``): the supervised warm-up when it was left
+        unset and the method has unlabeled terms (else nothing)."""
+        method = METHOD_CLASSES[self.train_config.method]
+        if not (self.warmup_from_device and method.uses_unlabeled):
+            return {}
+        device = "cuda" if device_type == "cuda" else "cpu"
+        return {"supervised_warmup_iterations": DEFAULT_WARMUP_ITERATIONS[device]}
 
     def scoring_minutes(self, device_type: str) -> float:
         """One scoring run's time budget (minutes; 0: none): the setting, else
@@ -304,7 +328,11 @@ def parse_model_settings(
                 app[key] = parse(raw)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"--conf {key} {raw!r}: {e}") from e
-    settings = ModelSettings(train_config=train_config, **app)
+    settings = ModelSettings(
+        train_config=train_config,
+        warmup_from_device="supervised_warmup_iterations" not in values,
+        **app,
+    )
     if settings.min_labels < 1:
         raise ValueError(f"--conf min_labels must be >= 1, got {settings.min_labels}")
     if settings.processes < 0:

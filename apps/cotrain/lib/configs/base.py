@@ -229,6 +229,7 @@ class CoTrainTaskConfig(TaskConfig):
             description=f"Co-train {self.description}",
             test_fault_injection=self.settings.test_fault_injection,
             budget_minutes=self.settings.budget_minutes,
+            device_settings=self.settings.device_settings,
         )
 
     def strategy(self) -> Strategy | dict[str, Strategy] | None:

@@ -45,6 +45,7 @@ from cotrain.engine import Trainer
 from cotrain.files import write_json_atomically
 from cotrain.input_checks import check_cases
 from cotrain.launch import process_count, train_in_processes
+from cotrain.methods import METHOD_CLASSES
 from cotrain.schedules import split_validation
 from lib.settings import parse_bool
 from lib.trainers.fault_injection import FaultInjector, requested_fault
@@ -75,7 +76,8 @@ class CoTrainTask(TrainTask):
     Request keys (all optional): ``max_epochs`` (or ``epochs``), ``pretrained`` (warm start
     from the served model, default true), ``val_split``, ``device``, ``time_budget_minutes``
     (this run's wall-time bound; 0: none; by default the model's ``retrain_minutes`` for a warm
-    start and ``first_train_minutes`` otherwise), and MONAI Label's
+    start and ``first_train_minutes`` otherwise), ``supervised_warmup_iterations`` (for the
+    methods with unlabeled terms; by default the model's, else its device's), and MONAI Label's
     multi-GPU options ``multi_gpu`` (default true: one process per GPU when there are several)
     and ``gpus`` (``"all"`` or indices such as ``"0,1"``), plus ``processes`` (a number of
     processes; on CPU, N > 1 trains with N gloo processes, the multi-GPU code path).
@@ -92,6 +94,8 @@ class CoTrainTask(TrainTask):
             :func:`cotrain.launch.process_count`).
         budget_minutes: A run's default time budget from its device type and whether it
             warm-starts (:meth:`lib.settings.ModelSettings.budget_minutes`); none by default.
+        device_settings: The TrainConfig settings whose default depends on the run's device
+            type (:meth:`lib.settings.ModelSettings.device_settings`); none by default.
         description: ``/info`` description.
         test_fault_injection: TEST HOOK: honour ``test_fault`` in train requests (see
             :mod:`lib.trainers.fault_injection`).
@@ -110,6 +114,7 @@ class CoTrainTask(TrainTask):
         description: str = "",
         test_fault_injection: bool = False,
         budget_minutes: Callable[[str, bool], float] | None = None,
+        device_settings: Callable[[str], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(description or f"Co-train {name}")
         self.name = name
@@ -122,15 +127,21 @@ class CoTrainTask(TrainTask):
         self.processes = processes
         self.test_fault_injection = test_fault_injection
         self.budget_minutes = budget_minutes or (lambda device_type, warm_start: 0.0)
+        self.device_settings = device_settings or (lambda device_type: {})
         self.stats_path = self.work_dir / STATS_FILE
 
     def config(self) -> dict[str, Any]:
         """Options a client may change per run (Slicer shows them as train options)."""
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        warmup = {}
+        if METHOD_CLASSES[self.train_config.method].uses_unlabeled:
+            warmup["supervised_warmup_iterations"] = self.device_settings(device_type).get(
+                "supervised_warmup_iterations", self.train_config.supervised_warmup_iterations
+            )
         return {
             "max_epochs": self.train_config.epochs,
-            "time_budget_minutes": self.budget_minutes(
-                "cuda" if torch.cuda.is_available() else "cpu", self.model_path.exists()
-            ),
+            "time_budget_minutes": self.budget_minutes(device_type, self.model_path.exists()),
+            **warmup,
             "pretrained": True,
             "val_split": self.val_split,
             "multi_gpu": True,
@@ -148,17 +159,21 @@ class CoTrainTask(TrainTask):
     def run_config(
         self, request: dict[str, Any], device_type: str = "cpu", warm_start: bool = False
     ) -> TrainConfig:
-        """This run's configuration: the model's, with the request's epochs and time budget.
+        """This run's configuration: the model's with its device's settings, and the request's
+        epochs, time budget and supervised warm-up.
 
         Args:
             request: The train request.
-            device_type: ``"cuda"`` or ``"cpu"`` (the default budget depends on it).
+            device_type: ``"cuda"`` or ``"cpu"`` (the default budget and warm-up depend on it).
             warm_start: Whether the run starts from the served model (a retrain).
         """
-        values = self.train_config.to_dict()
+        values = {**self.train_config.to_dict(), **self.device_settings(device_type)}
         epochs = request.get("max_epochs", request.get("epochs"))
         if epochs is not None:
             values["epochs"] = int(epochs)
+        warmup = request.get("supervised_warmup_iterations")
+        if warmup is not None:
+            values["supervised_warmup_iterations"] = int(warmup)
         budget = request.get("time_budget_minutes")
         values["time_budget_minutes"] = float(
             budget if budget is not None else self.budget_minutes(device_type, warm_start)
@@ -206,6 +221,7 @@ class CoTrainTask(TrainTask):
                     "method": config.method,
                     "total_epochs": config.epochs,
                     "time_budget_minutes": config.time_budget_minutes,
+                    "supervised_warmup_iterations": config.supervised_warmup_iterations,
                 }
             )
             train, validation, unlabeled = self._cases(request, datastore, config, writer)
