@@ -305,9 +305,9 @@ def reset_peak_rss() -> bool:
 def method_specs(profile: str = "quick") -> list[str]:
     """Supervised first (every ratio's reference), then every other method, the tuned
     recipes, DCT-Seg's adversarial term amortised (``diversity_every``), both with the
-    copy-paste term (``lambda_mix``, with and without the amortisation), and supervised and
-    tuned DCT-Seg with the members stacked (``stack_members``: whether vectorising the members
-    pays on this device). For another profile: supervised, then that profile's own methods
+    copy-paste term (``lambda_mix``: with and without the amortisation, and on every other
+    step only, ``mix_every=2``), and supervised and tuned DCT-Seg with the members stacked
+    (``stack_members``: whether vectorising the members pays on this device). For another profile: supervised, then that profile's own methods
     (``full``, supervised on more cases, steps as supervised does)."""
     if profile != "quick":
         methods = [m for m in PROFILES[profile].methods if m not in ("supervised", "full")]
@@ -320,7 +320,9 @@ def method_specs(profile: str = "quick") -> list[str]:
         f"{TUNED_DCT_SEG},diversity_every=2",
         f"{TUNED_DCT_SEG},lambda_mix=1.0",
         f"{TUNED_DCT_SEG},lambda_mix=1.0,diversity_every=4",
+        f"{TUNED_DCT_SEG},lambda_mix=1.0,diversity_every=4,mix_every=2",
         f"{TUNED_DUO_SEGNET},lambda_mix=1.0",
+        f"{TUNED_DUO_SEGNET},lambda_mix=1.0,mix_every=2",
         "supervised:stack_members=true",
         f"{TUNED_DCT_SEG},stack_members=true",
     ]

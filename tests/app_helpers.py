@@ -45,6 +45,9 @@ TINY_SERVER_CONF = {
     # third label (min_labels) makes submits train.
     "min_labels": "3",
     "val_split": "0",
+    # The co-training terms from the first step (as on a GPU server), not the CPU default's
+    # supervised warm-up, which would cover every iteration of these runs.
+    "supervised_warmup_iterations": "0",
 }
 #: ``--conf`` of a server that trains in about a minute on 2 CPU cores (32^3 images): 24^3
 #: patches, a 3-level UNet, 2 members, 3 epochs x 8 iterations; training starts at 3 labels.
@@ -63,6 +66,7 @@ FAST_SERVER_CONF = {
     "min_labels": "3",
     "val_min_labels": "3",
     "val_split": "0.3",
+    "supervised_warmup_iterations": "0",  # as TINY_SERVER_CONF
 }
 
 #: Server environment without the scoring run MONAI Label starts at start-up and after every

@@ -327,6 +327,34 @@ def test_dct_seg_leaves_out_the_diversity_work_while_its_weight_is_zero() -> Non
     assert skipping.pairs() == computing.pairs()
 
 
+@pytest.mark.parametrize("method_name", ["dct_seg", "duo_segnet"])
+def test_mix_every_n_steps_keeps_its_mean_weight_and_skips_the_mixed_passes(
+    method_name: str,
+) -> None:
+    """With ``mix_every 2`` the copy-paste term weighs twice its ramp on every other step and
+    nothing in between, where the members make no pass over mixed patches."""
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    counts = _count_forward_passes(ensemble)
+    params = {"lambda_mix": 1.0}
+    method = build_method(method_name, 2, 3, 1, 2, params={**params, "mix_every": 2})
+    every_step = build_method(method_name, 2, 3, 1, 2, params=params).loss_weights(0.5)["mixed"]
+    seen, passes = [], []
+    for step in range(4):
+        weights = method.loss_weights(0.5)
+        if method_name == "dct_seg":
+            weights["diversity"] = 0.0  # its adversarial passes are not counted here
+        before = list(counts)
+        terms = method.loss_terms(ensemble, make_batch(2, seed=step), weights)
+        seen.append(weights["mixed"])
+        passes.append([after - b for after, b in zip(counts, before, strict=True)])
+        assert (terms["mixed"].item() > 0) == (weights["mixed"] > 0)
+    assert every_step > 0 and seen == [2 * every_step, 0.0] * 2
+    assert passes == [[3, 3], [2, 2]] * 2  # labeled, unlabeled (and mixed) batches
+    with pytest.raises(ValueError, match="mix_every must be >= 1"):
+        build_method(method_name, 2, 3, 1, 2, params={"lambda_mix": 1.0, "mix_every": 0})
+
+
 def test_dct_seg_diversity_every_n_steps_keeps_its_mean_weight_and_resumes() -> None:
     torch.manual_seed(0)
     ensemble = Ensemble(2, 3, 1, 2, network=TINY)

@@ -78,19 +78,27 @@ class CopyPaste:
     argmax of the *other* members' soft vote (so members still teach each other). It is
     ramped up with the method's agreement term.
 
+    ``mix_every = n > 1`` (1 by default) computes ``L_mix`` on every n-th step only, with
+    ``n lambda_mix(t)``, so that its mean weight is unchanged and its cost (a pass of every
+    member over twice its labeled batch) divided by n.
+
     Attributes:
         lambda_mix: Maximum weight of ``L_mix`` (0: off).
         mix_box: Side of the pasted box as a fraction of the patch's side (BCP: 2/3).
+        mix_every: Compute ``L_mix`` on every n-th step only, weighted n times (1: every step).
     """
 
     lambda_mix: float = 0.0
     mix_box: float = 2.0 / 3.0
+    mix_every: int = 1
 
     def __post_init__(self) -> None:
         if self.lambda_mix < 0:
             raise ValueError(f"lambda_mix must be >= 0, got {self.lambda_mix}")
         if not 0.0 < self.mix_box < 1.0:
             raise ValueError(f"mix_box must be in (0, 1), got {self.mix_box}")
+        if self.mix_every < 1:
+            raise ValueError(f"mix_every must be >= 1, got {self.mix_every}")
 
 
 class CoTrainingMethod(nn.Module):
@@ -153,6 +161,8 @@ class CoTrainingMethod(nn.Module):
         self.seed = seed
         #: Averages a module's gradients over processes; the engine sets it when distributed.
         self.reduce_gradients: Callable[[nn.Module], None] = lambda module: None
+        #: Steps taken (:meth:`loss_terms` calls that count them), for :meth:`every_nth_step`.
+        self.steps = 0
 
     @classmethod
     def parse_params(cls, params: dict[str, Any] | None) -> Params:
@@ -195,6 +205,12 @@ class CoTrainingMethod(nn.Module):
         The engine calls it once per step, before :meth:`loss_terms`.
         """
         raise NotImplementedError
+
+    def every_nth_step(self, weight: float, n: int) -> float:
+        """A term computed on every n-th step only: ``n weight`` on the steps whose count
+        (:attr:`steps`, before the step's :meth:`loss_terms` counts it) is a multiple of ``n``,
+        0 on the others, so that its mean weight is ``weight`` and its cost divided by n."""
+        return weight * n if self.steps % n == 0 else 0.0
 
     @staticmethod
     def skipped(weights: Mapping[str, float] | None, name: str) -> bool:
@@ -289,11 +305,13 @@ class CoTrainingMethod(nn.Module):
 
     def copy_paste_weights(self, progress: float, ramp_start: float, ramp_end: float) -> dict:
         """``{"mixed": lambda_mix(t)}`` when the :class:`CopyPaste` option is on (ramped up
-        from ``ramp_start`` to ``ramp_end``, the method's agreement ramp), else nothing."""
+        from ``ramp_start`` to ``ramp_end``, the method's agreement ramp; with ``mix_every``,
+        :meth:`every_nth_step`), else nothing."""
         p = self.params
         if not isinstance(p, CopyPaste) or p.lambda_mix == 0:
             return {}
-        return {"mixed": gaussian_rampup(progress, p.lambda_mix, ramp_start, ramp_end)}
+        weight = gaussian_rampup(progress, p.lambda_mix, ramp_start, ramp_end)
+        return {"mixed": self.every_nth_step(weight, p.mix_every)}
 
     @staticmethod
     def copy_paste_term(

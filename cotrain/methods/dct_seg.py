@@ -21,8 +21,8 @@ Departure from Algorithm 1 for k > 2: the supervised and agreement terms update 
 every step (they are cheap next to the adversarial examples); only the diversity term is
 restricted to the sampled pair. For k = 2 it is the paper's algorithm.
 
-Warm starts carry the member-pair sampler's position and the ``diversity_every`` step count
-(the members carry no other state of the method).
+Warm starts carry the member-pair sampler's position and the step count of ``diversity_every``
+and ``mix_every`` (the members carry no other state of the method).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class DCTSeg(CoTrainingMethod):
         diversity_every: Compute the diversity term on every n-th step only, weighted n times
             (1: every step, the paper).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
-        lambda_mix, mix_box: The copy-paste term, off by default; see
+        lambda_mix, mix_box, mix_every: The copy-paste term, off by default; see
             :class:`~cotrain.methods.base.CopyPaste`.
         """
 
@@ -86,8 +86,6 @@ class DCTSeg(CoTrainingMethod):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pairs = MemberPairSampler(self.num_members, seed=self.seed)
-        #: Steps taken (``loss_terms`` calls), for ``diversity_every``.
-        self.steps = 0
 
     def loss_terms(
         self, ensemble: Ensemble, batch: Batch, weights: Mapping[str, float] | None = None
@@ -196,15 +194,13 @@ class DCTSeg(CoTrainingMethod):
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         """The ramped weights; with ``diversity_every = n``, the diversity weight is n times
-        the ramp on the steps that compute it (the next step's count is a multiple of n) and
-        0 on the others."""
+        the ramp on the steps that compute it (:meth:`every_nth_step`) and 0 on the others."""
         p = self.params
         diversity = gaussian_rampup(progress, p.lambda_div, p.div_rampup_start, p.rampup_end)
-        n = p.diversity_every
         weights = {
             "supervised": 1.0,
             "agreement": gaussian_rampup(progress, p.lambda_cot, p.cot_rampup_start, p.rampup_end),
-            "diversity": diversity * n if self.steps % n == 0 else 0.0,
+            "diversity": self.every_nth_step(diversity, p.diversity_every),
         }
         weights.update(self.copy_paste_weights(progress, p.cot_rampup_start, p.rampup_end))
         return weights

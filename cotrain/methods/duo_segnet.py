@@ -22,7 +22,8 @@ judges the ground truths and the members' predictions in one call per member.
 
 Warm starts carry the critic and its RMSprop state: a retrain's members keep being judged by the
 critic that learned their previous predictions, instead of a random one whose gradients would
-be noise until it catches up.
+be noise until it catches up. The step count of ``mix_every`` starts again with each run (its
+mean weight is the same either way).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class DuoSegNet(CoTrainingMethod):
             symmetric cross-entropy; 0: the symmetric KL divergence, zero wherever the members
             agree; see :func:`~cotrain.losses.symmetric_cross_entropy_agreement`).
         agreement_focus: See :class:`~cotrain.methods.base.AgreementFocus`.
-        lambda_mix, mix_box: The copy-paste term, off by default; see
+        lambda_mix, mix_box, mix_every: The copy-paste term, off by default; see
             :class:`~cotrain.methods.base.CopyPaste`.
         """
 
@@ -129,6 +130,7 @@ class DuoSegNet(CoTrainingMethod):
                 )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
+        self.steps += 1
         terms = {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
         terms.update(self.copy_paste_terms(ensemble, batch, aligned_logits, weights))
         return terms
