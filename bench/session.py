@@ -525,6 +525,7 @@ class ArmRun:
                         "train_peak_rss_mb": peaks.get("train"),
                         "scoring_peak_rss_mb": peaks.get("scoring"),
                         "planned_iterations": stats.get("planned_iterations"),
+                        "warmup_iterations": stats.get("supervised_warmup_iterations"),
                         "trained_iterations": round(
                             float(stats.get("progress") or 0.0)
                             * int(stats.get("planned_iterations") or 0)
@@ -772,6 +773,18 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         ),
         "",
     ]
+    warmups = {
+        arm: sorted({r.get("warmup_iterations") for rs in per_count.values() for r in rs}, key=str)
+        for arm, per_count in grouped.items()
+    }
+    shown = {arm: w for arm, w in warmups.items() if w and None not in w}
+    if shown:  # the train stats' value: the recipe's, the server's device default or --conf
+        lines[-1:-1] = [
+            "",
+            "Supervised warm-up (iterations, from the train stats): "
+            + "; ".join(f"{arm} {', '.join(map(str, w))}" for arm, w in shown.items())
+            + ".",
+        ]
     for title, key, scale, digits in (
         ("Dice (%)", "mean_dice", 100.0, 2),
         ("HD95 (mm)", "mean_hd95", 1.0, 2),

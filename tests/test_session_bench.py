@@ -82,4 +82,6 @@ def test_quick_session_serves_a_fresh_model_every_cycle(tmp_path: Path) -> None:
     table = (output / "session-quick.md").read_text()
     assert "| dct_seg:disagreement |" in table and "## Targets" in table
     assert "Recipe overrides: `supervised_warmup_iterations 3`" in table
+    # The warm-up the server trained with, as its train stats say.
+    assert "dct_seg:disagreement 3" in table.split("Supervised warm-up")[1].splitlines()[0]
     assert "Label efficiency" in done.stdout  # the table is printed
