@@ -13,6 +13,7 @@ from torch import nn
 from cotrain.inference import soft_vote
 from cotrain.losses import (
     adversarial_diversity_loss,
+    critic_adversarial_loss,
     critic_discriminator_loss,
     cross_pseudo_supervision_loss,
     foreground_focus,
@@ -21,7 +22,7 @@ from cotrain.losses import (
     symmetric_cross_entropy_agreement,
 )
 from cotrain.methods import METHOD_CLASSES, Batch, build_method
-from cotrain.networks import Ensemble
+from cotrain.networks import Ensemble, frozen
 from cotrain.perturbation import UnlabeledPerturbation
 
 TINY = {"channels": [4, 8], "strides": [2]}
@@ -277,6 +278,33 @@ def test_duo_segnet_critic_gets_gradients_from_its_own_loss_and_members_from_the
     assert any(
         not torch.equal(a, b) for a, b in zip(before, method.critic.parameters(), strict=True)
     )
+
+
+def test_duo_segnet_judges_all_members_in_one_critic_call_as_one_call_each() -> None:
+    """The members' adversarial term, judged in one critic call over every member's labeled
+    and unlabeled predictions, equals the sum of one call per pair in value and in the
+    members' gradients; inputs of different shapes are judged one call each."""
+    torch.manual_seed(0)
+    ensemble = Ensemble(2, 3, 1, 2, network=TINY)
+    method = build_method("duo_segnet", 2, 3, 1, 2)
+    batch = make_batch(2)
+    images = [x for x, _ in batch.labeled] + [batch.unlabeled] * 2
+    probabilities = [torch.softmax(ensemble.members[i](x), 1) for i, x in enumerate(images[:2])]
+    probabilities += list(torch.softmax(ensemble(batch.unlabeled), 2).unbind(0))
+    with frozen(method.critic):
+        batched = method._adversarial_loss(images, probabilities)
+        batched_grads = torch.autograd.grad(batched, list(ensemble.parameters()), retain_graph=True)
+        separate = sum(
+            critic_adversarial_loss(method.critic(x, p))
+            for x, p in zip(images, probabilities, strict=True)
+        )
+        separate_grads = torch.autograd.grad(separate, list(ensemble.parameters()))
+    torch.testing.assert_close(batched, separate)
+    for a, b in zip(batched_grads, separate_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    smaller = [x[..., :-2] for x in images[:1]]
+    mixed = method._judge(images[1:2] + smaller, probabilities[1:2] + [probabilities[0][..., :-2]])
+    assert [m.shape[0] for m in mixed] == [len(images[1]), len(smaller[0])]
 
 
 def test_mean_teacher_follows_students_by_ema() -> None:

@@ -17,8 +17,9 @@ code computes them through ``.item()``), and the critic sees the image and spati
 
 The members' adversarial passes run with the critic's parameters frozen: the members' backward
 pass then computes the gradients it needs (through the critic into the members' predictions)
-and not the critic's own weight gradients, which its step would discard. The critic's step
-judges the ground truths and the members' predictions in one call per member.
+and not the critic's own weight gradients, which its step would discard. The critic judges all
+its inputs of a pass in one call: every member's labeled and unlabeled predictions in the
+members' pass, every ground truth and labeled prediction in its own step.
 
 Warm starts carry the critic and its RMSprop state: a retrain's members keep being judged by the
 critic that learned their previous predictions, instead of a random one whose gradients would
@@ -113,27 +114,33 @@ class DuoSegNet(CoTrainingMethod):
 
         labeled_probabilities = [torch.softmax(logits.float(), dim=1) for logits in labeled_logits]
         unlabeled_probabilities = torch.softmax(unlabeled_logits.float(), dim=2)
-        adversarial = 0.0
+        images = [x for x, _ in batch.labeled]
         with frozen(self.critic):  # the members' gradients only; the critic learns in its step
-            for (images, _), member_labeled, member_input, member_unlabeled in zip(
-                batch.labeled,
-                labeled_probabilities,
-                unlabeled_inputs,
-                unlabeled_probabilities,
-                strict=True,
-            ):
-                adversarial = adversarial + critic_adversarial_loss(
-                    self.critic(images, member_labeled)
-                )
-                adversarial = adversarial + critic_adversarial_loss(
-                    self.critic(member_input, member_unlabeled)
-                )
+            adversarial = self._adversarial_loss(
+                [*images, *unlabeled_inputs.unbind(0)],
+                [*labeled_probabilities, *unlabeled_probabilities.unbind(0)],
+            )
         # Detached labeled predictions are the critic's "fake" examples in its own step.
         self._labeled_probabilities = [p.detach() for p in labeled_probabilities]
         self.steps += 1
         terms = {"supervised": supervised, "agreement": agreement, "adversarial": adversarial}
         terms.update(self.copy_paste_terms(ensemble, batch, aligned_logits, weights))
         return terms
+
+    def _judge(self, images: list[torch.Tensor], segmentations: list[torch.Tensor]) -> list:
+        """The critic's logits on each (image batch, segmentation batch) pair, in one call when
+        their shapes allow (instance norm: each sample is normalised on its own, so one call
+        gives each pair's logits, up to floating-point order)."""
+        if len({x.shape[1:] for x in images}) > 1:
+            return [self.critic(x, seg) for x, seg in zip(images, segmentations, strict=True)]
+        logits = self.critic(torch.cat(images), torch.cat(segmentations))
+        return list(logits.split([len(x) for x in images]))
+
+    def _adversarial_loss(
+        self, images: list[torch.Tensor], probabilities: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Sum of ``L_c`` over the (image batch, member probabilities) pairs."""
+        return sum(critic_adversarial_loss(logits) for logits in self._judge(images, probabilities))
 
     def loss_weights(self, progress: float) -> dict[str, float]:
         p = self.params
@@ -146,17 +153,18 @@ class DuoSegNet(CoTrainingMethod):
         return weights
 
     def critic_loss(self, batch: Batch, member_probabilities: list[torch.Tensor]) -> torch.Tensor:
-        """The critic's loss: ground truths are real, the members' labeled predictions fake."""
-        total = 0.0
-        for (images, targets), probabilities in zip(
+        """The critic's loss: ground truths are real, the members' labeled predictions fake;
+        every member's real and fake examples judged together (:meth:`_judge`)."""
+        images, segmentations = [], []
+        for (member_images, targets), probabilities in zip(
             batch.labeled, member_probabilities, strict=True
         ):
             one_hot = F.one_hot(targets[:, 0].long(), self.num_classes).movedim(-1, 1).float()
-            # Real and fake in one call (instance norm: each sample is normalised on its own).
-            logits = self.critic(
-                torch.cat([images, images]), torch.cat([one_hot, probabilities.detach()])
-            )
-            real, fake = logits.split(len(images))
+            images.append(torch.cat([member_images, member_images]))
+            segmentations.append(torch.cat([one_hot, probabilities.detach()]))
+        total = 0.0
+        for logits in self._judge(images, segmentations):
+            real, fake = logits.chunk(2)
             total = total + critic_discriminator_loss(real, fake)
         return total / len(member_probabilities)
 
