@@ -33,7 +33,7 @@ the quality benchmark's quick one (``bench/profiles.py``: 40x56x40 whole volumes
 2 members, 2 + 2 per batch, lr 1e-3), 100 epochs of 50 iterations, so the time budget bounds
 every run; no validation split (every label trains).
 
-    python bench/session.py                                # 4 arms, seed 0: about 5 hours on 2 CPU cores
+    python bench/session.py                                # 4 arms, seed 0: about 4.5 hours on 2 CPU cores
     python bench/session.py --quick --output /tmp/session  # the CI smoke test, 1.5 minutes
 
 ``--conf KEY VALUE`` (repeatable) sets a server ``--conf`` over the recipe for every arm, e.g.
@@ -54,8 +54,9 @@ How long (R = ``--retrain-minutes``, 8): per arm, the server start and the first
 first submit starts a retrain and the second, a second later, starts no second one
 ("trainings per cycle" in the report: 1 in ``session-r1.5-arms``), plus the scoring (40 auto-segment requests,
 about 7 s, and with ``disagreement`` the scores of ~150 unlabeled images). Measured with R =
-1.5: 12-17 minutes per arm (``bench/results/session-r1.5-arms.md``); with R = 8 that would be
-about 70 minutes per arm (not yet measured), about 5 hours for the 4 arms and one seed, one arm at a time.
+1.5: 12-17 minutes per arm (``bench/results/session-r1.5-arms.md``); with R = 8, 65 minutes per
+arm (``bench/results/session-r8-1thread.md``), about 4.5 hours for the 4 arms and one seed, one
+arm at a time.
 ``--quick``: 8 synthetic 24^3 cases (6 in the folder, 2 for scoring), a 2-level UNet, 2
 cycles of 1 label from 2, arms ``dct_seg:disagreement supervised:random``: checks the path,
 not the numbers.
