@@ -307,8 +307,9 @@ def method_specs(profile: str = "quick") -> list[str]:
     recipes, DCT-Seg's adversarial term amortised (``diversity_every``), both with the
     copy-paste term (``lambda_mix``: with and without the amortisation, and on every other
     step only, ``mix_every=2``), and supervised and tuned DCT-Seg with the members stacked
-    (``stack_members``: whether vectorising the members pays on this device). For another profile: supervised, then that profile's own methods
-    (``full``, supervised on more cases, steps as supervised does)."""
+    (``stack_members``: whether vectorising the members pays on this device). For another
+    profile: supervised, then that profile's own methods (``full``, supervised on more cases,
+    steps as supervised does)."""
     if profile != "quick":
         methods = [m for m in PROFILES[profile].methods if m not in ("supervised", "full")]
         return ["supervised", *methods]

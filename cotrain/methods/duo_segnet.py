@@ -127,7 +127,9 @@ class DuoSegNet(CoTrainingMethod):
         terms.update(self.copy_paste_terms(ensemble, batch, aligned_logits, weights))
         return terms
 
-    def _judge(self, images: list[torch.Tensor], segmentations: list[torch.Tensor]) -> list:
+    def _judge(
+        self, images: list[torch.Tensor], segmentations: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """The critic's logits on each (image batch, segmentation batch) pair, in one call when
         their shapes allow (instance norm: each sample is normalised on its own, so one call
         gives each pair's logits, up to floating-point order)."""

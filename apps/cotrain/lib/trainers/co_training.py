@@ -134,10 +134,10 @@ class CoTrainTask(TrainTask):
         """Options a client may change per run (Slicer shows them as train options)."""
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         warmup = {}
-        if METHOD_CLASSES[self.train_config.method].uses_unlabeled:
-            warmup["supervised_warmup_iterations"] = self.device_settings(device_type).get(
-                "supervised_warmup_iterations", self.train_config.supervised_warmup_iterations
-            )
+        if METHOD_CLASSES[self.train_config.method].uses_unlabeled:  # the baseline has none
+            warmup["supervised_warmup_iterations"] = self.run_config(
+                {}, device_type
+            ).supervised_warmup_iterations
         return {
             "max_epochs": self.train_config.epochs,
             "time_budget_minutes": self.budget_minutes(device_type, self.model_path.exists()),
