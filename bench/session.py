@@ -46,8 +46,12 @@ seeds; an unfinished one is restarted from scratch (its rows are dropped: a sess
 resumed half way, as its server's models and scores are gone). ``NAME.md``: Dice and HD95 per
 arm at each label count (mean over seeds), the times, and the targets: label efficiency (the
 label count at which ``dct_seg:disagreement`` first reaches ``supervised:random``'s Dice at
-``--max-labels``) and submit -> published within ``retrain_minutes`` + 60 s. ``NAME.png``: Dice
-against labels, and the time of each cycle.
+``--max-labels``), ``dct_seg:disagreement`` at or above ``supervised:random`` at every count
+from the first retrain on (the worst margin per seed too), and submit -> published within
+``retrain_minutes`` + 60 s. ``NAME.png``: Dice against labels, and the time of each cycle.
+``--merge OTHER ...`` counts in the report the finished runs of this session's arms that other
+sessions hold (a seed run earlier under another name; same budget and label schedule, each
+named with its command in the report); ``NAME.jsonl`` keeps only this session's own rows.
 
 How long (R = ``--retrain-minutes``, 8): per arm, the server start and the first training
 (2 x R = 16 minutes), then (max - start) / step = 6 cycles of about R each: the cycle's
@@ -194,6 +198,9 @@ class Settings:
         output: Folder of the results.
         work: Folder of the studies folders, app copies and server logs (kept when given).
         quick: The smoke-test sizes.
+        merge: Other sessions (``NAME``s in ``output``) whose finished arm and seed runs the
+            report counts beside this session's own (e.g. a seed run earlier under another
+            name); only arms of this session, same budget and label schedule.
     """
 
     name: str
@@ -213,6 +220,7 @@ class Settings:
     output: Path = RESULTS
     work: Path | None = None
     quick: bool = False
+    merge: list[str] = field(default_factory=list)
 
     @property
     def first_train_minutes(self) -> float:
@@ -626,6 +634,45 @@ def drop_rows(path: Path, arm: str, seed: int) -> int:
     return len(rows) - len(kept)
 
 
+def merged_rows(settings: Settings, own: list[Row]) -> list[Row]:
+    """The rows of ``settings.merge``'s sessions that the report counts beside ``own``: the
+    finished runs of this session's arms and seeds it did not run itself.
+
+    Raises:
+        ValueError: If a merged session is missing or ran another budget or label schedule.
+    """
+    arms = {arm.spec for arm in settings.arms}
+    have = {(r["arm"], r["seed"]) for r in own}
+    rows: list[Row] = []
+    for name in settings.merge:
+        path = settings.output / f"session-{name}.jsonl"
+        theirs = read_rows(path)
+        if not theirs:
+            raise ValueError(f"--merge {name}: no rows in {path}")
+        finished = {(r["arm"], r["seed"]) for r in theirs if r["kind"] == "end"}
+        taken = {run for run in finished if run[0] in arms and run not in have}
+        for row in theirs:
+            if (row["arm"], row["seed"]) not in taken:
+                continue
+            if row["kind"] == "cycle" and row["retrain_minutes"] != settings.retrain_minutes:
+                raise ValueError(
+                    f"--merge {name}: {row['arm']} seed {row['seed']} retrained for "
+                    f"{row['retrain_minutes']:g} min, this session for "
+                    f"{settings.retrain_minutes:g}"
+                )
+            expected = min(
+                settings.start_labels + row.get("cycle", 0) * settings.step, settings.max_labels
+            )
+            if row["kind"] == "cycle" and row["labels"] != expected:
+                raise ValueError(
+                    f"--merge {name}: {row['arm']} seed {row['seed']} had {row['labels']} "
+                    f"labels in cycle {row['cycle']}, this session's schedule {expected}"
+                )
+            rows.append(row)
+        have |= taken
+    return rows
+
+
 # -------------------------------------------------------------------------------- the report
 CSV_COLUMNS = [
     "arm",
@@ -711,6 +758,48 @@ def label_efficiency(grouped: dict[str, dict[int, list[Row]]], max_labels: int) 
     )
 
 
+def seeds_of(grouped: dict[str, dict[int, list[Row]]]) -> dict[str, list[int]]:
+    """The seeds each arm has rows of."""
+    return {
+        arm: sorted({r["seed"] for rows in per_count.values() for r in rows})
+        for arm, per_count in grouped.items()
+    }
+
+
+def at_or_above(grouped: dict[str, dict[int, list[Row]]], from_labels: int) -> str:
+    """The target line "the candidate is at or above the reference at every label count from
+    ``from_labels`` on" (means over seeds; the worst margin, and per seed when there are more)."""
+    candidate, reference = EFFICIENCY_ARMS
+    if candidate not in grouped or reference not in grouped:
+        return f"- At or above from {from_labels} labels: n/a (needs {candidate} and {reference})."
+    counts = sorted(n for n in grouped[candidate] if n >= from_labels and n in grouped[reference])
+    if not counts:
+        return f"- At or above from {from_labels} labels: n/a (no common label count yet)."
+
+    def margins(seed: int | None) -> list[float]:
+        def dice(arm: str, n: int) -> float | None:
+            rows = [r for r in grouped[arm][n] if seed is None or r["seed"] == seed]
+            return mean_of(rows, "mean_dice")
+
+        pairs = [(dice(candidate, n), dice(reference, n)) for n in counts]
+        return [100 * (c - r) for c, r in pairs if c is not None and r is not None]
+
+    overall = margins(None)
+    shared = sorted(set(seeds_of(grouped)[candidate]) & set(seeds_of(grouped)[reference]))
+    per_seed = [(seed, min(margins(seed))) for seed in shared if margins(seed)]
+    return (
+        f"- {candidate} at or above {reference} at every label count from {from_labels} on "
+        f"({counts[0]}-{counts[-1]}, mean over seeds): margins {min(overall):+.2f} to "
+        f"{max(overall):+.2f}: {'met' if min(overall) >= 0 else '**missed**'}"
+        + (
+            "; worst margin per seed: " + ", ".join(f"seed {s} {m:+.2f}" for s, m in per_seed)
+            if len(per_seed) > 1
+            else ""
+        )
+        + "."
+    )
+
+
 #: The soak target compares each process's peak memory from this cycle on with this cycle's.
 SOAK_FROM_CYCLE = 5
 #: Growth of a peak from :data:`SOAK_FROM_CYCLE` to the last cycle that counts as a leak.
@@ -774,6 +863,24 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         ),
         "",
     ]
+    merged = sorted(
+        {
+            (r["name"], r["arm"], r["seed"], r.get("command", ""))
+            for r in ends.values()
+            if r["name"] != s.name
+        }
+    )
+    if merged:
+        lines[-1:-1] = [
+            "",
+            "Runs counted from other sessions (`--merge`): "
+            + "; ".join(
+                f"`{arm}` seed {seed} from [`session-{name}`](session-{name}.md)"
+                + (f" (`{command}`)" if command else "")
+                for name, arm, seed, command in merged
+            )
+            + ".",
+        ]
     warmups = {
         arm: sorted({r.get("warmup_iterations") for rs in per_count.values() for r in rs}, key=str)
         for arm, per_count in grouped.items()
@@ -803,6 +910,23 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
                 value = mean_of(per_count.get(n, []), key)
                 cells.append("-" if value is None else f"{scale * value:.{digits}f}")
             lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if any(len(seeds) > 1 for seeds in seeds_of(grouped).values()):
+        lines += [
+            "## Dice (%) per seed",
+            "",
+            "| arm | seed | " + " | ".join(str(n) for n in counts) + " |",
+            "|---|---|" + "---|" * len(counts),
+        ]
+        for arm, per_count in grouped.items():
+            for seed in seeds_of(grouped)[arm]:
+                cells = []
+                for n in counts:
+                    value = mean_of(
+                        (r for r in per_count.get(n, []) if r["seed"] == seed), "mean_dice"
+                    )
+                    cells.append("-" if value is None else f"{100 * value:.2f}")
+                lines.append(f"| {arm} | {seed} | " + " | ".join(cells) + " |")
         lines.append("")
 
     lines += [
@@ -847,6 +971,7 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         "## Targets",
         "",
         label_efficiency(grouped, s.max_labels),
+        at_or_above(grouped, s.start_labels + s.step),
         *memory_growth(grouped),
         "- Labels stored at the end: "
         + (
@@ -944,6 +1069,14 @@ def build_parser() -> argparse.ArgumentParser:
         "give the run its own --name",
     )
     parser.add_argument("--name", help="results are OUTPUT/session-NAME.* (default: DATA-Rmin)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="count in the report the finished runs of this session's arms in "
+        "OUTPUT/session-NAME.jsonl (e.g. seed 0 run earlier under another name)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--work", type=Path, help="keep the studies folders and server logs here (default: temp)"
@@ -977,6 +1110,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         output=args.output,
         work=args.work,
         quick=args.quick,
+        merge=list(args.merge),
     )
     if settings.step < 1 or not 1 <= settings.start_labels <= settings.max_labels:
         raise ValueError("need step >= 1 and 1 <= start labels <= max labels")
@@ -1048,7 +1182,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if temporary is not None:
             temporary.cleanup()
-    lines = summarise(read_rows(rows_path), settings)
+    try:
+        merged = merged_rows(settings, read_rows(rows_path))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = summarise(read_rows(rows_path) + merged, settings)
     print("\n".join(lines))
     return 0
 
