@@ -83,7 +83,7 @@ def test_a_seed_run_under_another_name_counts_in_the_mean_and_the_targets(tmp_pa
     )
     write_session(tmp_path, "old-reference", {(REFERENCE, 0): [0.79, 0.81]})
     write_session(tmp_path, "unfinished", {(SERVED, 2): [0.1, 0.1]}, finished=False)
-    s = settings(tmp_path, [1], ["old-served", "old-reference", "unfinished"])
+    s = settings(tmp_path, [0, 1, 2], ["old-served", "old-reference", "unfinished"])
 
     own = session.read_rows(tmp_path / "session-pair.jsonl")
     merged = session.merged_rows(s, own)
@@ -102,15 +102,42 @@ def test_a_seed_run_under_another_name_counts_in_the_mean_and_the_targets(tmp_pa
     # At 6 labels the mean is level (82.00 each): met, but seed 0 alone is 1 point behind.
     above = next(line for line in lines if "at every label count from 6" in line)
     assert "met" in above and "seed 0 -1.00" in above and "seed 1 +1.00" in above
+    # 75% of 6 labels is 4: the served arm's 79.00 there is 3 below the reference's 82.00.
+    efficiency = next(line for line in lines if line.startswith("- Label efficiency"))
+    assert "79.00 at 4" in efficiency and "**missed** by 3.00" in efficiency
     assert (tmp_path / "session-pair.md").read_text() == table
     # The rows file stays this session's own: a re-run does not count the merged rows twice.
     assert session.read_rows(tmp_path / "session-pair.jsonl") == own
+    # A seed the session was not asked for is not taken.
+    assert not session.merged_rows(settings(tmp_path, [1], ["old-served"]), own)
+
+
+def test_the_command_runs_no_seed_another_session_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_session(tmp_path, "pair", {(SERVED, 1): [0.80, 0.84], (REFERENCE, 1): [0.81, 0.83]})
+    write_session(tmp_path, "old", {(SERVED, 0): [0.78, 0.80], (REFERENCE, 0): [0.79, 0.81]})
+
+    def no_run(**kwargs: object) -> None:
+        raise AssertionError(f"ran {kwargs['arm']} seed {kwargs['seed']}")
+
+    monkeypatch.setattr(session, "ArmRun", no_run)
+    sizes = "--retrain-minutes 8 --start-labels 4 --max-labels 6 --step 2 --pool-cases 10"
+    argv = [
+        *("--quick", *sizes.split(), "--scoring-cases", "2", "--name", "pair"),
+        *("--arms", SERVED, REFERENCE, "--seeds", "0", "1", "--merge", "old"),
+        *("--output", str(tmp_path), "--work", str(tmp_path / "work")),
+    ]
+    assert session.main(argv) == 0  # every run is done: it only writes the report
+    assert f"| {SERVED} | 0,1 | 79.00 | 82.00 |" in (tmp_path / "session-pair.md").read_text()
+    # A merged session that does not exist is an error naming it, before anything runs.
+    assert session.main([*argv[:-4], "--merge", "gone", *argv[-4:]]) == 2
 
 
 def test_a_session_with_another_budget_is_not_merged(tmp_path: Path) -> None:
     write_session(tmp_path, "pair", {(SERVED, 1): [0.80, 0.84]})
     write_session(tmp_path, "short", {(REFERENCE, 0): [0.79, 0.81]}, minutes=1.5)
-    s = settings(tmp_path, [1], ["short"])
+    s = settings(tmp_path, [0, 1], ["short"])
     with pytest.raises(ValueError, match="short.*1.5 min.*8"):
         session.merged_rows(s, session.read_rows(tmp_path / "session-pair.jsonl"))
     with pytest.raises(ValueError, match="no rows"):
