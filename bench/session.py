@@ -823,22 +823,26 @@ def memory_growth(grouped: dict[str, dict[int, list[Row]]]) -> list[str]:
     memory from cycle :data:`SOAK_FROM_CYCLE` to the last (needs more cycles than that)."""
     lines = []
     for arm, per_count in grouped.items():
-        rows = sorted((r for rs in per_count.values() for r in rs), key=lambda r: r["cycle"])
-        start = [r for r in rows if r["cycle"] == SOAK_FROM_CYCLE]
-        if not start or rows[-1]["cycle"] <= SOAK_FROM_CYCLE:
-            continue
-        parts, grew = [], False
-        for key, what in (("server_peak_rss_mb", "server"), ("train_peak_rss_mb", "training")):
-            first = float(start[0].get(key) or 0)
-            last = max(float(r.get(key) or 0) for r in rows[-3:])
-            growth = last / first - 1 if first else 0.0
-            grew = grew or growth > SOAK_GROWTH
-            parts.append(f"{what} {first:.0f} -> {last:.0f} MB ({100 * growth:+.1f}%)")
-        lines.append(
-            f"- Memory from cycle {SOAK_FROM_CYCLE} to {rows[-1]['cycle']} ({arm}; the last "
-            f"3 cycles' peak; < {100 * SOAK_GROWTH:.0f}% growth): {', '.join(parts)}: "
-            f"{'**missed**' if grew else 'met'}"
-        )
+        for seed in seeds_of(grouped)[arm]:  # each seed is its own server
+            rows = sorted(
+                (r for rs in per_count.values() for r in rs if r["seed"] == seed),
+                key=lambda r: r["cycle"],
+            )
+            start = [r for r in rows if r["cycle"] == SOAK_FROM_CYCLE]
+            if not start or rows[-1]["cycle"] <= SOAK_FROM_CYCLE:
+                continue
+            parts, grew = [], False
+            for key, what in (("server_peak_rss_mb", "server"), ("train_peak_rss_mb", "training")):
+                first = float(start[0].get(key) or 0)
+                last = max(float(r.get(key) or 0) for r in rows[-3:])
+                growth = last / first - 1 if first else 0.0
+                grew = grew or growth > SOAK_GROWTH
+                parts.append(f"{what} {first:.0f} -> {last:.0f} MB ({100 * growth:+.1f}%)")
+            lines.append(
+                f"- Memory from cycle {SOAK_FROM_CYCLE} to {rows[-1]['cycle']} ({arm} seed "
+                f"{seed}; the last 3 cycles' peak; < {100 * SOAK_GROWTH:.0f}% growth): "
+                f"{', '.join(parts)}: {'**missed**' if grew else 'met'}"
+            )
     return lines
 
 
@@ -960,7 +964,7 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
     for arm, per_count in grouped.items():
         arm_rows = [r for rs in per_count.values() for r in rs]
         retrains = [r for r in arm_rows if r["cycle"] > 0]
-        sessions = [e["session_s"] / 60 for (a, _), e in ends.items() if a == arm]
+        sessions = [e["session_s"] / 60 for (a, _), e in sorted(ends.items()) if a == arm]
         publish = [r["submit_to_published_s"] for r in retrains]
         runs = [sum(o in ("started", "queued") for o in r["train_outcomes"]) for r in retrains]
         lines.append(

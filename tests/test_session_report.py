@@ -142,3 +142,19 @@ def test_a_session_with_another_budget_is_not_merged(tmp_path: Path) -> None:
         session.merged_rows(s, session.read_rows(tmp_path / "session-pair.jsonl"))
     with pytest.raises(ValueError, match="no rows"):
         session.merged_rows(settings(tmp_path, [1], ["missing"]), [])
+
+
+def test_memory_growth_is_judged_per_seed_server() -> None:
+    # Seed 1's training grows by 20% over the last cycles; seed 0's stays flat.
+    rows = []
+    for seed in (0, 1):
+        for cycle in range(7):
+            row = cycle_row("pair", SERVED, seed, cycle, 0.8)
+            if seed == 1 and cycle == 6:
+                row["train_peak_rss_mb"] = 1560.0
+            rows.append(row)
+    lines = session.memory_growth(session.by_arm(rows))
+    assert len(lines) == 2
+    assert "seed 0" in lines[0] and lines[0].endswith("met")
+    assert "seed 1" in lines[1] and "1300 -> 1560 MB (+20.0%)" in lines[1]
+    assert lines[1].endswith("**missed**")
