@@ -635,6 +635,23 @@ def drop_rows(path: Path, arm: str, seed: int) -> int:
     return len(rows) - len(kept)
 
 
+def check_mergeable(name: str, row: Row, settings: Settings) -> None:
+    """Raise ``ValueError`` if a cycle row of session ``name`` had another retrain budget or
+    label count than this session's schedule gives its cycle."""
+    run = f"--merge {name}: {row['arm']} seed {row['seed']}"
+    if row["retrain_minutes"] != settings.retrain_minutes:
+        raise ValueError(
+            f"{run} retrained for {row['retrain_minutes']:g} min, this session for "
+            f"{settings.retrain_minutes:g}"
+        )
+    expected = min(settings.start_labels + row["cycle"] * settings.step, settings.max_labels)
+    if row["labels"] != expected:
+        raise ValueError(
+            f"{run} had {row['labels']} labels in cycle {row['cycle']}, this session's "
+            f"schedule {expected}"
+        )
+
+
 def merged_rows(settings: Settings, own: list[Row]) -> list[Row]:
     """The rows of ``settings.merge``'s sessions that count beside ``own``: their finished runs
     of this session's arms and seeds that ``own`` has no rows of.
@@ -659,20 +676,8 @@ def merged_rows(settings: Settings, own: list[Row]) -> list[Row]:
         for row in theirs:
             if (row["arm"], row["seed"]) not in taken:
                 continue
-            if row["kind"] == "cycle" and row["retrain_minutes"] != settings.retrain_minutes:
-                raise ValueError(
-                    f"--merge {name}: {row['arm']} seed {row['seed']} retrained for "
-                    f"{row['retrain_minutes']:g} min, this session for "
-                    f"{settings.retrain_minutes:g}"
-                )
-            expected = min(
-                settings.start_labels + row.get("cycle", 0) * settings.step, settings.max_labels
-            )
-            if row["kind"] == "cycle" and row["labels"] != expected:
-                raise ValueError(
-                    f"--merge {name}: {row['arm']} seed {row['seed']} had {row['labels']} "
-                    f"labels in cycle {row['cycle']}, this session's schedule {expected}"
-                )
+            if row["kind"] == "cycle":
+                check_mergeable(name, row, settings)
             rows.append(row)
         have |= taken
     return rows
@@ -797,8 +802,9 @@ def at_or_above(grouped: dict[str, dict[int, list[Row]]], from_labels: int) -> s
         return [100 * (c - r) for c, r in pairs if c is not None and r is not None]
 
     overall = margins(None)
-    shared = sorted(set(seeds_of(grouped)[candidate]) & set(seeds_of(grouped)[reference]))
-    per_seed = [(seed, min(margins(seed))) for seed in shared if margins(seed)]
+    seeds = seeds_of(grouped)
+    shared = sorted(set(seeds[candidate]) & set(seeds[reference]))
+    per_seed = [(seed, min(m)) for seed in shared if (m := margins(seed))]
     return (
         f"- {candidate} at or above {reference} at every label count from {from_labels} on "
         f"({counts[0]}-{counts[-1]}, mean over seeds): margins {min(overall):+.2f} to "
@@ -822,8 +828,9 @@ def memory_growth(grouped: dict[str, dict[int, list[Row]]]) -> list[str]:
     """The soak lines (issue 18): per arm, the growth of the server's and the training's peak
     memory from cycle :data:`SOAK_FROM_CYCLE` to the last (needs more cycles than that)."""
     lines = []
+    seeds = seeds_of(grouped)
     for arm, per_count in grouped.items():
-        for seed in seeds_of(grouped)[arm]:  # each seed is its own server
+        for seed in seeds[arm]:  # each seed is its own server
             rows = sorted(
                 (r for rs in per_count.values() for r in rs if r["seed"] == seed),
                 key=lambda r: r["cycle"],
@@ -861,6 +868,7 @@ def peak_text(rows: Iterable[Row], key: str) -> str:
 def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]:
     """The session's tables and targets; returns the lines (also written to ``path``)."""
     grouped = by_arm(rows)
+    seeds = seeds_of(grouped)
     ends = {(r["arm"], r["seed"]): r for r in rows if r["kind"] == "end"}
     counts = sorted({n for per_arm in grouped.values() for n in per_arm})
     s = settings
@@ -920,14 +928,15 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
             "|---|---|" + "---|" * len(counts),
         ]
         for arm, per_count in grouped.items():
-            seeds = sorted({r["seed"] for rs in per_count.values() for r in rs})
             cells = []
             for n in counts:
                 value = mean_of(per_count.get(n, []), key)
                 cells.append("-" if value is None else f"{scale * value:.{digits}f}")
-            lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {arm} | {','.join(map(str, seeds[arm]))} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
-    if any(len(seeds) > 1 for seeds in seeds_of(grouped).values()):
+    if any(len(arm_seeds) > 1 for arm_seeds in seeds.values()):
         lines += [
             "## Dice (%) per seed",
             "",
@@ -935,7 +944,7 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
             "|---|---|" + "---|" * len(counts),
         ]
         for arm, per_count in grouped.items():
-            for seed in seeds_of(grouped)[arm]:
+            for seed in seeds[arm]:
                 cells = []
                 for n in counts:
                     value = mean_of(
@@ -1160,12 +1169,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings.output.mkdir(parents=True, exist_ok=True)
     rows_path = settings.output / f"session-{settings.name}.jsonl"
+    own = read_rows(rows_path)
     try:  # runs another session holds count as done (--merge)
-        merged = merged_rows(settings, read_rows(rows_path))
+        merged = merged_rows(settings, own)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finished = {(r["arm"], r["seed"]) for r in read_rows(rows_path) + merged if r["kind"] == "end"}
+    finished = {(r["arm"], r["seed"]) for r in own + merged if r["kind"] == "end"}
     todo = [
         (arm, seed)
         for seed in settings.seeds
