@@ -123,14 +123,15 @@ DEFAULT_ARMS = [
     "supervised:disagreement",
 ]
 QUICK_ARMS = ["dct_seg:disagreement", "supervised:random"]
-#: Strategies served by the app (``init_strategies``: the app's ``disagreement``, MONAI
-#: Label's ``random`` and ``first``) and the client-side seeded pick.
-SERVER_STRATEGIES = ("disagreement", "random", "first")
+#: Strategies served by the app (``init_strategies``: the app's ``disagreement`` and
+#: ``expected_error``, MONAI Label's ``random`` and ``first``) and the client-side seeded pick.
+SCORED_STRATEGIES = ("disagreement", "expected_error")
+SERVER_STRATEGIES = (*SCORED_STRATEGIES, "random", "first")
 CLIENT_RANDOM = "client_random"
 #: The arms compared by the label-efficiency target: (candidate, reference).
 EFFICIENCY_ARMS = ("dct_seg:disagreement", "supervised:random")
-#: What a row keeps of a strategy's answer (the app's ``disagreement`` also sends the image's info).
-ANSWER_KEYS = ("id", "disagreement", "weight")
+#: What a row keeps of a strategy's answer (the app's strategies also send the image's info).
+ANSWER_KEYS = ("id", "disagreement", "expected_error", "weight")
 #: Seed of the fixed split into the studies pool and the scoring cases.
 SPLIT_SEED = 0
 #: Slack over the time budgets while waiting for a model: server start, subprocess imports,
@@ -456,7 +457,7 @@ class ArmRun:
         app_dir = copy_app(self.work / "app")
         scratch = self.work / "client"
         scratch.mkdir()
-        env = {} if arm.strategy == "disagreement" else dict(NO_SCORING_ENV)
+        env = {} if arm.strategy in SCORED_STRATEGIES else dict(NO_SCORING_ENV)
         if s.threads:
             env["OMP_NUM_THREADS"] = str(s.threads)
         conf = server_conf(s, arm, self.seed)
@@ -488,7 +489,7 @@ class ArmRun:
                     published_wait_s = time.monotonic() - cycle_start
                     scores_wait_s = 0.0
                     probed: list[int] = []
-                    if arm.strategy == "disagreement":
+                    if arm.strategy in SCORED_STRATEGIES:
                         # The strategy must see the new model's scores: the served file's
                         # mtime (one request) is the scores' model_ts.
                         started = time.monotonic()

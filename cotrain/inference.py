@@ -39,6 +39,7 @@ __all__ = [
     "apply_spacing",
     "default_device",
     "ensemble_from_payload",
+    "expected_dice_error",
     "invert_axis_aligned_resampling",
     "label_after_axis_aligned_resampling",
     "labels_from_foreground",
@@ -160,6 +161,34 @@ def mean_jensen_shannon(member_logits: torch.Tensor) -> float:
         chunk = voxels[..., start : start + CHUNK_VOXELS]
         total += float(jensen_shannon_map(chunk).sum(dtype=torch.float64))
     return total / (voxels.shape[1] * voxels.shape[-1])
+
+
+def expected_dice_error(member_logits: torch.Tensor) -> float:
+    """``1 -`` the Dice the soft vote expects of its own label, chunk by chunk.
+
+    With ``p_c`` the soft vote's probability of foreground class ``c`` and ``y_c`` its label
+    (the argmax), the expected Dice pools the foreground classes::
+
+        D = 2 * sum_c sum_x p_c(x) y_c(x) / sum_c sum_x (p_c(x) + y_c(x))
+
+    Unlike the mean disagreement over the volume, it is relative to the structure's size, so
+    a tight crop around the organ does not score higher than a wide one with the same
+    uncertainty at the boundary; and it reads the vote's own confidence, which co-training's
+    agreement term does not drive towards the members agreeing. An image with no foreground
+    predicted or probable scores 0.
+
+    Args:
+        member_logits: ``(k, B, C, *spatial)``, class 0 being background.
+    """
+    voxels = member_logits.reshape(*member_logits.shape[:3], -1)
+    overlap, total = 0.0, 0.0
+    for start in range(0, voxels.shape[-1], CHUNK_VOXELS):
+        vote = soft_vote(voxels[..., start : start + CHUNK_VOXELS])  # (B, C, n)
+        confidence, label = vote.max(dim=1)
+        foreground = (label > 0).to(vote.dtype)
+        overlap += float((confidence * foreground).sum(dtype=torch.float64))
+        total += float(vote[:, 1:].sum(dtype=torch.float64) + foreground.sum(dtype=torch.float64))
+    return 1.0 - 2.0 * overlap / total if total > 0 else 0.0
 
 
 def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -617,6 +646,22 @@ class EnsemblePredictor:
             cotrain.input_checks.InvalidImageError: As :meth:`predict_file`.
         """
         return mean_jensen_shannon(self.member_logits(self.load_image(image_path)))
+
+    def uncertainty_scores(self, image_path: str | Path) -> dict[str, float]:
+        """The image's active-learning scores from one prediction, on the model's grid.
+
+        Returns:
+            ``"disagreement"``: the members' mean Jensen-Shannon divergence over the image;
+            ``"dice_error"``: :func:`expected_dice_error` of the soft vote.
+
+        Raises:
+            cotrain.input_checks.InvalidImageError: As :meth:`predict_file`.
+        """
+        logits = self.member_logits(self.load_image(image_path))
+        return {
+            "disagreement": mean_jensen_shannon(logits),
+            "dice_error": expected_dice_error(logits),
+        }
 
     @staticmethod
     def write_prediction(

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from lib.activelearning.disagreement import Disagreement
+from lib.activelearning.expected_error import ExpectedError
 
-__all__ = ["Disagreement"]
+__all__ = ["Disagreement", "ExpectedError"]

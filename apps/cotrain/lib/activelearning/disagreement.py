@@ -14,13 +14,17 @@ from lib.scoring.disagreement import SCORE_KEY_PREFIX
 logger = logging.getLogger(__name__)
 
 
-def image_score(info: dict[str, Any]) -> float | None:
-    """Mean of the disagreement scores of all models stored in an image's info (``None``:
-    not scored yet)."""
+def image_score(info: dict[str, Any], field: str = "score") -> float | None:
+    """Mean of one score of all models stored in an image's info (``None``: not scored yet).
+
+    Args:
+        info: The image's datastore info.
+        field: Which score of each model's entry (:mod:`lib.scoring.disagreement`).
+    """
     scores = [
-        float(v["score"])
+        float(v[field])
         for k, v in info.items()
-        if k.startswith(SCORE_KEY_PREFIX) and isinstance(v, dict) and v.get("score") is not None
+        if k.startswith(SCORE_KEY_PREFIX) and isinstance(v, dict) and v.get(field) is not None
     ]
     return sum(scores) / len(scores) if scores else None
 
@@ -58,20 +62,27 @@ class Disagreement(Strategy):
 
     Request params (optional): ``client_id``, ``served_timeout_s``.
 
+    Subclasses rank by another score of the same scoring run: :attr:`field` names it in the
+    stored entry, :attr:`answer_key` in the answer.
+
     Args:
         served_timeout_s: How long a served image stays reserved for its client.
     """
 
+    field = "score"
+    answer_key = "disagreement"
+    description = "Most uncertain unlabeled image (ensemble members' disagreement)"
+
     def __init__(self, served_timeout_s: float = 600.0) -> None:
-        super().__init__("Most uncertain unlabeled image (ensemble members' disagreement)")
+        super().__init__(self.description)
         self.served_timeout_s = served_timeout_s
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
         """Select the next image to annotate.
 
         Returns:
-            ``{"id": image_id, "disagreement": score or None}``, or ``None`` if every image
-            is labeled.
+            ``{"id": image_id, ANSWER_KEY: score or None}``, or ``None`` if every image is
+            labeled.
         """
         # Scores are written by a scoring subprocess; pick up its changes of the datastore.
         datastore.refresh()
@@ -96,17 +107,20 @@ class Disagreement(Strategy):
         ]
         if not free:
             image = min(images, key=lambda i: served[i][0])
-            logger.info("disagreement: every unlabeled image is reserved; oldest served: %s", image)
-            return {"id": image, "disagreement": image_score(infos[image])}
+            logger.info(
+                "%s: every unlabeled image is reserved; oldest served: %s", self.answer_key, image
+            )
+            return {"id": image, self.answer_key: image_score(infos[image], self.field)}
 
-        scores = {image: image_score(infos[image]) for image in free}
+        scores = {image: image_score(infos[image], self.field) for image in free}
         # Highest score first; unscored images last; ties by id.
         image = min(free, key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
         logger.info(
-            "disagreement: selected %s (score %s; %d candidates, %d scored)",
+            "%s: selected %s (score %s; %d candidates, %d scored)",
+            self.answer_key,
             image,
             scores[image],
             len(free),
             sum(s is not None for s in scores.values()),
         )
-        return {"id": image, "disagreement": scores[image]}
+        return {"id": image, self.answer_key: scores[image]}

@@ -35,7 +35,7 @@ from cotrain.planning import (
     network_strides,
     plan_from_fingerprint,
 )
-from lib.activelearning import Disagreement
+from lib.activelearning import Disagreement, ExpectedError
 from lib.infers import EnsembleInfer
 from lib.scoring import EnsembleDisagreement, last_run, score_key, scoring_status
 from lib.settings import (
@@ -234,7 +234,7 @@ class CoTrainTaskConfig(TaskConfig):
 
     def strategy(self) -> Strategy | dict[str, Strategy] | None:
         """Next sample: the unlabeled image the members disagree on most."""
-        return {"disagreement": Disagreement()}
+        return {"disagreement": Disagreement(), "expected_error": ExpectedError()}
 
     def scoring_method(self) -> ScoringMethod | dict[str, ScoringMethod] | None:
         """Store the members' mean disagreement on each unlabeled image, within the scoring

@@ -1,11 +1,16 @@
-"""Scoring: the ensemble members' mean disagreement on the unlabeled images, within a time
-budget per run.
+"""Scoring: the ensemble's uncertainty on the unlabeled images (the members' mean disagreement
+and the Dice error the soft vote expects), within a time budget per run.
 
 MONAI Label runs scoring methods in a subprocess after each training (and at start-up and on
 next-sample requests, with ``MONAI_LABEL_AUTO_UPDATE_SCORING``). Scores are stored in the
 image's datastore info under ``disagreement_MODEL``::
 
-    {"score": 0.0123, "model_ts": 1700000000123456789, "ts": 1700000000}
+    {"score": 0.0123, "dice_error": 0.19, "model_ts": 1700000000123456789, "ts": 1700000000}
+
+``score`` is the members' mean Jensen-Shannon divergence over the image, which the
+``disagreement`` strategy ranks by; ``dice_error`` is
+:func:`cotrain.inference.expected_dice_error`, which ``expected_error`` ranks by. Both come
+from the same prediction.
 
 A run scores what changed, most needed first: images never scored (the newest study first,
 so that one that arrives is scored by the next run), then images scored with an older model,
@@ -17,8 +22,7 @@ on where this one stopped. Next-sample answers at once from the scores stored, w
 model computed them (:mod:`lib.activelearning.disagreement`).
 
 An image that cannot be segmented (unreadable, 2D, empty, NaN voxels) gets
-``{"score": null, "error": REASON, ...}`` instead, and the ``disagreement`` strategy never
-proposes it.
+``{"score": null, "error": REASON, ...}`` instead, and neither strategy ever proposes it.
 """
 
 from __future__ import annotations
@@ -114,7 +118,8 @@ def scoring_status(datastore: Datastore, key: str, path: str) -> dict[str, int]:
 
 
 class EnsembleDisagreement(ScoringMethod):
-    """Score unlabeled images by the mean Jensen-Shannon divergence of the members.
+    """Score unlabeled images by the members' mean Jensen-Shannon divergence and the soft
+    vote's expected Dice error.
 
     Args:
         name: Model name (the info key is ``disagreement_NAME``).
@@ -128,7 +133,7 @@ class EnsembleDisagreement(ScoringMethod):
     def __init__(
         self, name: str, path: str, budget_minutes: float = 0.0, record_path: str | None = None
     ) -> None:
-        super().__init__(f"Mean disagreement of the {name} ensemble members on unlabeled images")
+        super().__init__(f"Uncertainty of the {name} ensemble on unlabeled images")
         self.name = name
         self.path = path
         self.key = score_key(name)
@@ -167,7 +172,8 @@ class EnsembleDisagreement(ScoringMethod):
                 )
             entry: dict[str, Any] = {"model_ts": current, "ts": int(time.time())}
             try:
-                entry["score"] = predictor.mean_disagreement(datastore.get_image_uri(image_id))
+                scores = predictor.uncertainty_scores(datastore.get_image_uri(image_id))
+                entry.update({"score": scores["disagreement"], "dice_error": scores["dice_error"]})
                 scored += 1
             except InvalidImageError as e:
                 logger.warning("%s: not scoring %s: %s", self.name, image_id, e)
