@@ -128,7 +128,8 @@ QUICK_ARMS = ["dct_seg:disagreement", "supervised:random"]
 SCORED_STRATEGIES = ("disagreement", "expected_error")
 SERVER_STRATEGIES = (*SCORED_STRATEGIES, "random", "first")
 CLIENT_RANDOM = "client_random"
-#: The arms compared by the label-efficiency target: (candidate, reference).
+#: The arms compared by the label-efficiency target: (the issue's candidate, reference). Every
+#: other co-trained arm in a report is judged against the reference the same way.
 EFFICIENCY_ARMS = ("dct_seg:disagreement", "supervised:random")
 #: What a row keeps of a strategy's answer (the app's strategies also send the image's info).
 ANSWER_KEYS = ("id", "disagreement", "expected_error", "weight")
@@ -747,10 +748,20 @@ def mean_of(rows: Iterable[Row], key: str) -> float | None:
 EFFICIENCY_SHARE = 0.75
 
 
-def label_efficiency(grouped: dict[str, dict[int, list[Row]]], max_labels: int) -> str:
-    """The label-efficiency target line: the candidate reaches, with at most
-    :data:`EFFICIENCY_SHARE` of the labels, the reference's Dice at ``max_labels``."""
+def efficiency_candidates(grouped: dict[str, dict[int, list[Row]]]) -> list[str]:
+    """The arms judged against the reference: the issue's candidate (always, so a report
+    without it says so), then every other co-trained arm present, in name order."""
     candidate, reference = EFFICIENCY_ARMS
+    others = sorted(a for a in grouped if a != candidate and parse_arm(a).model != "supervised")
+    return [candidate, *others]
+
+
+def label_efficiency(
+    grouped: dict[str, dict[int, list[Row]]], max_labels: int, candidate: str = EFFICIENCY_ARMS[0]
+) -> str:
+    """The label-efficiency target line: ``candidate`` reaches, with at most
+    :data:`EFFICIENCY_SHARE` of the labels, the reference's Dice at ``max_labels``."""
+    reference = EFFICIENCY_ARMS[1]
     if candidate not in grouped or reference not in grouped:
         return f"- Label efficiency: n/a (needs the arms {candidate} and {reference})."
     ref_rows = grouped[reference].get(max_labels)
@@ -784,10 +795,12 @@ def seeds_of(grouped: dict[str, dict[int, list[Row]]]) -> dict[str, list[int]]:
     }
 
 
-def at_or_above(grouped: dict[str, dict[int, list[Row]]], from_labels: int) -> str:
-    """The target line "the candidate is at or above the reference at every label count from
+def at_or_above(
+    grouped: dict[str, dict[int, list[Row]]], from_labels: int, candidate: str = EFFICIENCY_ARMS[0]
+) -> str:
+    """The target line "``candidate`` is at or above the reference at every label count from
     ``from_labels`` on" (means over seeds; the worst margin, and per seed when there are more)."""
-    candidate, reference = EFFICIENCY_ARMS
+    reference = EFFICIENCY_ARMS[1]
     if candidate not in grouped or reference not in grouped:
         return f"- At or above from {from_labels} labels: n/a (needs {candidate} and {reference})."
     counts = sorted(n for n in grouped[candidate] if n >= from_labels and n in grouped[reference])
@@ -996,8 +1009,14 @@ def write_markdown(rows: list[Row], path: Path, settings: Settings) -> list[str]
         "",
         "## Targets",
         "",
-        label_efficiency(grouped, s.max_labels),
-        at_or_above(grouped, s.start_labels + s.step),
+        *(
+            line
+            for arm in efficiency_candidates(grouped)
+            for line in (
+                label_efficiency(grouped, s.max_labels, arm),
+                at_or_above(grouped, s.start_labels + s.step, arm),
+            )
+        ),
         *memory_growth(grouped),
         "- Labels stored at the end: "
         + (

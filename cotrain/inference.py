@@ -169,13 +169,15 @@ def expected_dice_error(member_logits: torch.Tensor) -> float:
     With ``p_c`` the soft vote's probability of foreground class ``c`` and ``y_c`` its label
     (the argmax), the expected Dice pools the foreground classes::
 
-        D = 2 * sum_c sum_x p_c(x) y_c(x) / sum_c sum_x (p_c(x) + y_c(x))
+        D = (2 * sum_c sum_x p_c(x) y_c(x) + 1) / (sum_c sum_x (p_c(x) + y_c(x)) + 1)
 
     Unlike the mean disagreement over the volume, it is relative to the structure's size, so
     a tight crop around the organ does not score higher than a wide one with the same
     uncertainty at the boundary; and it reads the vote's own confidence, which co-training's
-    agreement term does not drive towards the members agreeing. An image with no foreground
-    predicted or probable scores 0.
+    agreement term does not drive towards the members agreeing. The one voxel added to both
+    sides makes an image with no foreground predicted and almost none probable score about 0
+    (an organ confidently absent), while foreground probability the label leaves out still
+    counts as error.
 
     Args:
         member_logits: ``(k, B, C, *spatial)``, class 0 being background.
@@ -188,7 +190,7 @@ def expected_dice_error(member_logits: torch.Tensor) -> float:
         foreground = (label > 0).to(vote.dtype)
         overlap += float((confidence * foreground).sum(dtype=torch.float64))
         total += float(vote[:, 1:].sum(dtype=torch.float64) + foreground.sum(dtype=torch.float64))
-    return 1.0 - 2.0 * overlap / total if total > 0 else 0.0
+    return 1.0 - (2.0 * overlap + 1.0) / (total + 1.0)
 
 
 def labels_from_foreground(foreground: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -39,16 +39,18 @@ def _wait_training(client: MONAILabelClient, server: MonaiLabelServer) -> dict[s
     return task
 
 
-def _scores(client: MONAILabelClient, images: list[str], model: int) -> dict[str, float] | None:
-    """Disagreement scores of ``images`` from the datastore, once all were computed with the
-    model whose file modification time is ``model`` (ns)."""
+def _scores(
+    client: MONAILabelClient, images: list[str], model: int, field: str = "score"
+) -> dict[str, float] | None:
+    """Scores of ``images`` from the datastore (``field``: the disagreement, or ``dice_error``),
+    once all were computed with the model whose file modification time is ``model`` (ns)."""
     objects = client.datastore().get("objects", {})
     scores = {}
     for image in images:
         entry = objects.get(image, {}).get("image", {}).get("info", {}).get("disagreement_dct_seg")
         if not entry or entry.get("model_ts") != model:
             return None
-        scores[image] = float(entry["score"])
+        scores[image] = float(entry[field])
     return scores
 
 
@@ -74,7 +76,7 @@ def test_app_end_to_end(tmp_path: Path) -> None:
         assert info["models"]["dct_seg"]["labels"] == {"organ": 1}
         assert info["models"]["dct_seg"]["type"] == "segmentation"
         assert "dct_seg" in info["trainers"]
-        assert "disagreement" in info["strategies"]
+        assert "disagreement" in info["strategies"] and "expected_error" in info["strategies"]
         assert "disagreement_dct_seg" in info["scoring"]
         assert info["labels"] == ["organ"]
 
@@ -139,6 +141,12 @@ def test_app_end_to_end(tmp_path: Path) -> None:
         scoring = client.info()["models"]["dct_seg"]["scoring"]
         assert scoring["scored_with_current_model"] == scoring["unlabeled"] == 3, scoring
         assert scoring["never_scored"] == 0 and scoring["budget_minutes"] > 0
+
+        # expected_error ranks by the Dice error the vote expects, from the same scoring run.
+        errors = _scores(client, unlabeled, first_model["mtime_ns"], "dice_error")
+        assert errors is not None
+        sample = client.next_sample("expected_error", {"client_id": "annotator-a"})
+        assert sample["id"] == max(unlabeled, key=lambda i: errors[i]), (sample, errors)
 
         # next_sample: the most uncertain unlabeled image; not the same one for another client.
         sample = client.next_sample("disagreement", {"client_id": "annotator-a"})

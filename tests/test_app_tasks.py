@@ -189,7 +189,7 @@ def test_scoring_stores_disagreement_once_per_model(served: Served) -> None:
     assert scoring({}, served.datastore) == done
     for image in ("case_003", "case_004"):
         entry = served.datastore.get_image_info(image)["disagreement_dct_seg"]
-        assert entry["score"] >= 0.0
+        assert entry["score"] >= 0.0 and 0.0 <= entry["dice_error"] <= 1.0
         assert entry["model_ts"] == served.model_path.stat().st_mtime_ns
     assert "disagreement_dct_seg" not in served.datastore.get_image_info("case_000")
     assert scoring({}, served.datastore) == {"scored": 0, "skipped": 2, "invalid": 0, "deferred": 0}

@@ -24,6 +24,7 @@ from tests.app_helpers import APP_DIR, use_app_lib
 use_app_lib()
 
 from lib.activelearning.disagreement import Disagreement  # noqa: E402
+from lib.activelearning.expected_error import ExpectedError  # noqa: E402
 from lib.configs.dct_seg import DCTSegModel  # noqa: E402
 from lib.scheduler import COALESCED, QUEUED, STARTED, TrainScheduler  # noqa: E402
 from lib.settings import parse_model_settings  # noqa: E402
@@ -417,6 +418,17 @@ def test_disagreement_picks_the_most_uncertain(datastore: LocalDatastore) -> Non
     # case_000 is labeled: never proposed even with a high score.
     _score(datastore, "case_000", dct_seg=9.0)
     assert strategy({}, datastore)["id"] == "case_002"
+
+
+def test_expected_error_ranks_by_the_votes_expected_dice_error(datastore: LocalDatastore) -> None:
+    for image, score, error in (("case_001", 0.9, 0.1), ("case_002", 0.1, 0.3)):
+        datastore.update_image_info(
+            image, {"disagreement_dct_seg": {"score": score, "dice_error": error}}
+        )
+    # Scored by an older version (no dice_error): after the scored images.
+    _score(datastore, "case_003", dct_seg=5.0)
+    assert ExpectedError()({}, datastore) == {"id": "case_002", "expected_error": 0.3}
+    assert Disagreement()({}, datastore)["id"] == "case_003"
 
 
 def test_disagreement_skips_images_served_to_other_clients(datastore: LocalDatastore) -> None:

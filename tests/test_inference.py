@@ -252,6 +252,53 @@ def test_the_mean_disagreement_in_chunks_is_the_maps_mean(
     assert inference.mean_jensen_shannon(logits) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 14])
+def test_the_expected_dice_error_in_chunks_is_that_of_the_whole_vote(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "CHUNK_VOXELS", chunk)
+    logits = torch.randn(2, 1, 3, 9, 8, 5) * 3
+    vote = inference.soft_vote(logits)
+    label = torch.nn.functional.one_hot(vote.argmax(1), 3).movedim(-1, 1)[:, 1:].float()
+    dice = (2 * (vote[:, 1:] * label).sum() + 1) / (vote[:, 1:].sum() + label.sum() + 1)
+    assert inference.expected_dice_error(logits) == pytest.approx(1 - float(dice), rel=1e-5)
+
+
+def _organ_logits(boundary_logit: float, pad: int = 0) -> torch.Tensor:
+    """Two members' logits on a cube: a confident organ inside, an uncertain shell around it
+    (the organ's logit ``boundary_logit`` there, the members differing), confident background
+    elsewhere, with ``pad`` more confident background voxels on every side."""
+    size = 12 + 2 * pad
+    logits = torch.zeros(2, 1, 2, size, size, size)
+    logits[:, :, 1] = -14.0
+    shell, inner = slice(pad + 3, pad + 9), slice(pad + 4, pad + 8)
+    logits[0, :, 1, shell, shell, shell] = boundary_logit
+    logits[1, :, 1, shell, shell, shell] = -boundary_logit / 2
+    logits[:, :, 1, inner, inner, inner] = 8.0
+    return logits
+
+
+def test_the_expected_dice_error_follows_the_organs_uncertainty_not_the_crop() -> None:
+    """What the expected_error strategy ranks by: an organ with an uncertain boundary scores
+    higher than one segmented confidently, and a wider crop around the same organ scores the
+    same, where the mean disagreement over the volume falls with the crop's size."""
+    uncertain, confident = _organ_logits(1.0), _organ_logits(8.0)
+    confident[1] = confident[0]
+    assert inference.expected_dice_error(confident) < 0.01
+    assert inference.expected_dice_error(uncertain) > 0.1
+    wide = _organ_logits(1.0, pad=6)
+    assert inference.expected_dice_error(wide) == pytest.approx(
+        inference.expected_dice_error(uncertain), rel=1e-2
+    )
+    assert inference.mean_jensen_shannon(wide) < 0.5 * inference.mean_jensen_shannon(uncertain)
+    # The organ confidently absent: nothing to get wrong. Half the image possibly organ but
+    # none of it labeled: almost all error.
+    absent = torch.zeros(2, 1, 2, 8, 8, 8)
+    absent[:, :, 1] = -20.0
+    assert inference.expected_dice_error(absent) < 1e-3
+    assert inference.expected_dice_error(torch.zeros(2, 1, 2, 8, 8, 8)) > 0.99
+
+
 def test_score_is_zero_when_members_agree_and_positive_when_they_differ(tmp_path: Path) -> None:
     """The active-learning score, computed on the model's grid, ranks by disagreement."""
     image_path = _ct_like(tmp_path / "ct.nii.gz")

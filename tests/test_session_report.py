@@ -158,3 +158,25 @@ def test_memory_growth_is_judged_per_seed_server() -> None:
     assert "seed 0" in lines[0] and lines[0].endswith("met")
     assert "seed 1" in lines[1] and "1300 -> 1560 MB (+20.0%)" in lines[1]
     assert lines[1].endswith("**missed**")
+
+
+def test_every_co_trained_arm_is_judged_against_the_reference() -> None:
+    # A session of the reference and dct_seg with another strategy: the candidate is
+    # absent (said so), the other co-trained arm gets both target lines, supervised none.
+    rows = [
+        cycle_row("pair", arm, 0, cycle, dice)
+        for arm, curve in {
+            REFERENCE: [0.80, 0.82],
+            "dct_seg:expected_error": [0.83, 0.84],
+            "supervised:expected_error": [0.70, 0.71],
+        }.items()
+        for cycle, dice in enumerate(curve)
+    ]
+    grouped = session.by_arm(rows)
+    assert session.efficiency_candidates(grouped) == [SERVED, "dct_seg:expected_error"]
+    assert "n/a" in session.label_efficiency(grouped, 6, SERVED)
+    # 75% of 6 labels is 4: 83.00 at 4 labels reaches the reference's 82.00 at 6.
+    efficiency = session.label_efficiency(grouped, 6, "dct_seg:expected_error")
+    assert "dct_seg:expected_error at 4 labels" in efficiency and efficiency.endswith("met.")
+    above = session.at_or_above(grouped, 6, "dct_seg:expected_error")
+    assert "margins +2.00 to +2.00: met" in above
