@@ -12,7 +12,8 @@ roi_size, target_spacing, intensity, epochs, auto_train, min_labels, ...).
 The app wires MONAI Label to the ``cotrain`` library: each model is an ensemble trained on the
 submitted (final) labels plus every unlabeled image, served by soft voting; saving a final
 label starts a training run (coalescing submits that arrive meanwhile); the ``disagreement``
-strategy proposes the unlabeled image the members disagree on most.
+strategy proposes the unlabeled image the members disagree on most, ``expected_error`` the one
+whose soft vote expects the lowest Dice of its own label.
 
 Bad input gets a clear error and changes nothing: submitted labels and uploaded images are
 checked before they are stored (``lib/datastore.py``), ids that would leave the studies folder
@@ -215,7 +216,7 @@ class CoTrainApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
-        """``disagreement`` plus MONAI Label's ``random`` and ``first``."""
+        """``disagreement`` and ``expected_error`` plus MONAI Label's ``random`` and ``first``."""
         strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
         for config in self.models.values():
             strategy = config.strategy()

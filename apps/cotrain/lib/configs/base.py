@@ -233,7 +233,8 @@ class CoTrainTaskConfig(TaskConfig):
         )
 
     def strategy(self) -> Strategy | dict[str, Strategy] | None:
-        """Next sample: the unlabeled image the members disagree on most."""
+        """Next sample: the unlabeled image the members disagree on most (``disagreement``),
+        or whose soft vote expects the lowest Dice of its own label (``expected_error``)."""
         return {"disagreement": Disagreement(), "expected_error": ExpectedError()}
 
     def scoring_method(self) -> ScoringMethod | dict[str, ScoringMethod] | None:
