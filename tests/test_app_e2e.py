@@ -145,13 +145,17 @@ def test_app_end_to_end(tmp_path: Path) -> None:
         # expected_error ranks by the Dice error the vote expects, from the same scoring run.
         errors = _scores(client, unlabeled, first_model["mtime_ns"], "dice_error")
         assert errors is not None
-        sample = client.next_sample("expected_error", {"client_id": "annotator-a"})
+        # Each annotator's client sends its own id (the client overwrites one in the params).
+        annotator_a = MONAILabelClient(server.url, client_id="annotator-a")
+        annotator_b = MONAILabelClient(server.url, client_id="annotator-b")
+        sample = annotator_a.next_sample("expected_error", {})
         assert sample["id"] == max(unlabeled, key=lambda i: errors[i]), (sample, errors)
 
-        # next_sample: the most uncertain unlabeled image; not the same one for another client.
-        sample = client.next_sample("disagreement", {"client_id": "annotator-a"})
+        # next_sample: the most uncertain unlabeled image, even if this annotator was just
+        # given another strategy's pick; not the same one for another annotator.
+        sample = annotator_a.next_sample("disagreement", {})
         assert sample["id"] == most_uncertain, (sample, scores)
-        other = client.next_sample("disagreement", {"client_id": "annotator-b"})
+        other = annotator_b.next_sample("disagreement", {})
         assert other["id"] in unlabeled and other["id"] != sample["id"]
 
         # One more submit retrains (warm start); infer serves the new model without a restart.
