@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,14 +102,16 @@ def study_row(predictor: EnsemblePredictor, image: Path, truth: Path) -> dict[st
 
 
 def rank_scores(rows: list[dict[str, Any]], top: int) -> dict[str, dict[str, float]]:
-    """Per score: Spearman correlation with the real error, and the top studies' mean error."""
+    """Per score: Spearman correlation with the real error (NaN for a score that is the same
+    for every study: it ranks nothing), and the top studies' mean error."""
     errors = np.array([r["error"] for r in rows])
     result = {}
     for score in SCORES:
         values = np.array([r[score] for r in rows], dtype=float)
         first = np.argsort(-values, kind="stable")[:top]
+        constant = np.ptp(values) == 0 or np.ptp(errors) == 0
         result[score] = {
-            "spearman": float(spearmanr(values, errors).statistic),
+            "spearman": math.nan if constant else float(spearmanr(values, errors).statistic),
             "top_error": float(errors[first].mean()),
         }
     return result
@@ -136,6 +139,11 @@ def model_result(model: Path, truth_dir: Path, top: int) -> dict[str, Any]:
     }
 
 
+def _cell(score: dict[str, float]) -> str:
+    spearman = "n/a" if math.isnan(score["spearman"]) else f"{score['spearman']:+.3f}"
+    return f"{spearman} ({score['top_error']:.3f})"
+
+
 def report(results: list[dict[str, Any]], top: int) -> list[str]:
     """The markdown table: one row per model, Spearman and top-``top`` error per score."""
     header = " | ".join(SCORES)
@@ -147,9 +155,7 @@ def report(results: list[dict[str, Any]], top: int) -> list[str]:
         "|---|---|---|---|" + "---|" * len(SCORES),
     ]
     for r in results:
-        cells = " | ".join(
-            f"{r['scores'][s]['spearman']:+.3f} ({r['scores'][s]['top_error']:.3f})" for s in SCORES
-        )
+        cells = " | ".join(_cell(r["scores"][s]) for s in SCORES)
         lines.append(
             f"| `{r['model']}` | {r['labeled']} | {r['studies']} | {r['mean_error']:.3f} | "
             f"{cells} |"

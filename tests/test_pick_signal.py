@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -31,10 +32,11 @@ def test_a_score_that_follows_the_error_ranks_first_and_one_that_does_not_is_see
     assert scores["dice_error"]["top_error"] == pytest.approx(0.35)  # 0.4 and 0.3
     assert scores["disagreement"]["spearman"] == pytest.approx(-1.0)
     assert scores["disagreement"]["top_error"] == pytest.approx(0.075)
+    assert math.isnan(scores["disagreement_per_foreground"]["spearman"])
     lines = pick_signal.report(
         [{"model": "m.pt", "labeled": 4, "studies": 5, "mean_error": 0.21, "scores": scores}], top=2
     )
-    assert "| `m.pt` | 4 | 5 | 0.210 | -1.000 (0.075) | +1.000 (0.350) |" in lines[-1]
+    assert "| `m.pt` | 4 | 5 | 0.210 | -1.000 (0.075) | +1.000 (0.350) | n/a (" in lines[-1]
 
 
 def test_members_that_label_alike_do_not_disagree() -> None:
