@@ -149,7 +149,9 @@ def report(results: list[dict[str, Any]], top: int) -> list[str]:
     header = " | ".join(SCORES)
     lines = [
         f"Spearman correlation of each score with the served vote's real Dice error "
-        f"(top-{top} mean error in brackets) over the unlabeled studies.",
+        f"(top-{top} mean error in brackets) over the studies still unlabeled at the end of "
+        f"the session; labels: the labels in the session's folder at its end (a model "
+        f"served before the last cycle trained on fewer).",
         "",
         f"| model | labels | studies | mean error | {header} |",
         "|---|---|---|---|" + "---|" * len(SCORES),
